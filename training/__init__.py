@@ -1,0 +1,1 @@
+"""Training: the Shapes base model, reward models, Hyper-SD distillation, evaluation."""
