@@ -23,16 +23,18 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
         return _coerce(value, next(a for a in args if a is not type(None)), name)
     if origin in (tuple, list):
         items = value
         if isinstance(value, str):
             items = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
         item_type = args[0] if args else str
-        converted = [_coerce(v.strip() if isinstance(v, str) else v, item_type, name) for v in items]
+        converted = [
+            _coerce(v.strip() if isinstance(v, str) else v, item_type, name) for v in items
+        ]
         return tuple(converted) if origin is tuple else converted
     if annotation is bool and isinstance(value, str):
         if value.lower() in ("1", "true", "yes", "on"):

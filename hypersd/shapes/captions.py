@@ -139,7 +139,7 @@ def is_caption(caption: str) -> bool:
 
 
 def sample_scene(rng: random.Random, kind: str | None = None) -> Scene:
-    """Sample a scene uniformly over its attributes; ``kind`` is ``one``, ``two`` or None (50/50)."""
+    """Sample a scene uniformly; ``kind`` is ``one``, ``two`` or None (a 50/50 mix)."""
     if kind is None:
         kind = rng.choice(("one", "two"))
     if kind not in ("one", "two"):

@@ -1,0 +1,27 @@
+# hypersd image. CPU by default; for NVIDIA GPUs build with
+#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 --build-arg EXTRAS=service,worker,gpu .
+FROM python:3.11-slim AS base
+
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG EXTRAS=service,worker,onnx
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1
+
+WORKDIR /app
+RUN pip install --index-url "${TORCH_INDEX}" "torch==2.13.0"
+COPY pyproject.toml README.md ./
+COPY hypersd ./hypersd
+COPY training ./training
+COPY service ./service
+COPY worker ./worker
+RUN pip install ".[${EXTRAS}]"
+COPY models ./models
+
+RUN useradd --create-home --uid 1000 hypersd
+USER hypersd
+ENV HYPERSD_REGISTRY=/app/models/registry.toml
+ENTRYPOINT ["hypersd"]
+CMD ["models"]

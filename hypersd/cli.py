@@ -1,0 +1,92 @@
+"""``hypersd``: generate images from the command line and list the registry's models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from hypersd.registry import load_registry
+
+
+def _output_paths(out: Path, count: int) -> list[Path]:
+    """One file per image: ``out`` itself for one image to a file name, else numbered files."""
+    if out.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"):
+        if count == 1:
+            return [out]
+        return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+    return [out / f"image-{i}.png" for i in range(count)]
+
+
+def generate(args: argparse.Namespace) -> int:
+    from hypersd.pipeline import ImageRequest, load
+
+    registry = load_registry(args.registry)
+    spec = registry.get(args.model or registry.default)
+    generator = load(spec, device=args.device, warmup=False)
+    requests = [
+        ImageRequest(prompt=args.prompt, seed=args.seed + i, negative_prompt=args.negative_prompt)
+        for i in range(args.n)
+    ]
+    result = generator.generate(
+        requests,
+        steps=args.steps,
+        width=args.width,
+        height=args.height,
+        guidance_scale=args.guidance_scale,
+        eta=args.eta,
+    )
+    paths = _output_paths(Path(args.out), len(result.images))
+    for image, path in zip(result.images, paths, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        print(path)
+    print(f"{len(paths)} image(s) in {result.timings['total']:.2f} s", file=sys.stderr)
+    return 0
+
+
+def models(args: argparse.Namespace) -> int:
+    registry = load_registry(args.registry)
+    for name in registry.names():
+        spec = registry.get(name)
+        marker = "*" if name == registry.default else " "
+        print(f"{marker} {name:<28} {spec.family:<5} {spec.recipe:<20} {spec.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hypersd", description=__doc__)
+    parser.add_argument("--registry", help="registry TOML (default: $HYPERSD_REGISTRY or shipped)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate images from a prompt")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--negative-prompt")
+    gen.add_argument("--model", help="registry name (default: the registry's default model)")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--seed", type=int, default=0, help="seed of the first image; +1 per image")
+    gen.add_argument("--n", type=int, default=1, help="number of images (one batched call)")
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--guidance-scale", type=float)
+    gen.add_argument("--eta", type=float, help="TCD eta, for the unified 1-step recipe")
+    gen.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    gen.add_argument("--out", required=True, help="a .png/.jpg/.webp file, or a folder")
+    gen.set_defaults(handler=generate)
+
+    listing = commands.add_parser("models", help="list the registry's models")
+    listing.set_defaults(handler=models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except (ValueError, KeyError) as error:
+        print(f"hypersd: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

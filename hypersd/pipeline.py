@@ -1,0 +1,273 @@
+"""Load a registry spec into a ready `Generator`, and generate batches of images with it.
+
+`load` builds the diffusers pipeline a spec describes (SD1.5 or SDXL; base weights from a local
+folder, a single file or the local Hugging Face cache; optional UNet override; fused LoRAs; the
+recipe's scheduler), moves it to the device and warms it up. `Generator.generate` runs a whole
+batch of requests as one pipeline call, each request with its own prompt, negative prompt and
+seed, after validating the shared sampling values against the spec and its recipe.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import PIL.Image
+import safetensors.torch
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+from hypersd.lora import SDPipeline, fuse_loras
+from hypersd.recipes import Sampling
+from hypersd.registry import ModelSpec
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One image to generate.
+
+    Args:
+        prompt: The text prompt.
+        seed: Seed of this image's noise: the same seed, prompt and settings give the same image,
+            alone or in any batch.
+        negative_prompt: What to steer away from; only recipes with CFG accept one.
+    """
+
+    prompt: str
+    seed: int
+    negative_prompt: str | None = None
+
+
+@dataclass
+class BatchResult:
+    """The images of one `Generator.generate` call, in request order.
+
+    Args:
+        images: One PIL image per request.
+        seeds: The seed of each image.
+        timings: Seconds spent in "text_encoding", "denoising", "vae_decode" and in "total".
+    """
+
+    images: list[PIL.Image.Image]
+    seeds: list[int]
+    timings: dict[str, float]
+
+
+class Generator:
+    """A loaded, warmed-up model that turns batches of `ImageRequest`s into images.
+
+    Calls are serialised by a lock: a diffusers pipeline keeps per-call state (the scheduler's
+    timesteps), so two threads must never run it at once.
+
+    Args:
+        spec: The registry spec the pipeline was built from; it supplies defaults and limits.
+        pipe: The diffusers pipeline, on its device, with the recipe's scheduler and fused LoRAs.
+    """
+
+    def __init__(self, spec: ModelSpec, pipe: SDPipeline) -> None:
+        self.spec = spec
+        self.pipe = pipe
+        self._lock = threading.Lock()
+
+    def generate(
+        self,
+        requests: Sequence[ImageRequest],
+        *,
+        steps: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        guidance_scale: float | None = None,
+        eta: float | None = None,
+    ) -> BatchResult:
+        """Generate one image per request in a single pipeline call.
+
+        Args:
+            requests: The batch; prompts, negative prompts and seeds are per request.
+            steps: Denoising steps; `None` for the spec's default.
+            width: Image width; `None` for the spec's default size.
+            height: Image height; `None` for the spec's default size.
+            guidance_scale: CFG scale; `None` for the spec's default.
+            eta: TCD `eta`; only for recipes that take it, `None` for the recipe's default.
+
+        Raises:
+            ValueError: naming the field and its allowed values when a value is not allowed for
+                this model (steps, size, guidance, eta, a negative prompt, a seed out of range).
+        """
+        if not requests:
+            raise ValueError("requests: at least one ImageRequest is needed")
+        for request in requests:
+            if not 0 <= request.seed <= MAX_SEED:
+                raise ValueError(f"seed={request.seed} is out of range; allowed: 0 to 2**64 - 1")
+        sampling = self.spec.resolve_sampling(
+            steps,
+            guidance_scale,
+            eta,
+            negative_prompt=any(request.negative_prompt for request in requests),
+        )
+        width, height = self.spec.resolve_size(width, height)
+        return self._run(requests, sampling, width, height)
+
+    def warmup(self) -> None:
+        """Generate one 1-step image so that the first real request does not pay for lazy
+        initialisation (kernel selection, memory pools)."""
+        sampling = replace(self.spec.resolve_sampling(), steps=1)
+        self._run([ImageRequest(prompt="warm-up", seed=0)], sampling, *self.spec.default_size)
+
+    def _run(
+        self, requests: Sequence[ImageRequest], sampling: Sampling, width: int, height: int
+    ) -> BatchResult:
+        seeds = [request.seed for request in requests]
+        # CPU generators: the SD pipelines draw each image's noise from its own generator, so an
+        # image depends only on its seed, not on the batch; drawing on the CPU also makes it the
+        # same on every device.
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        # With CFG, always pass the negative prompts as strings (empty for none): SDXL encodes
+        # "no negative prompt" as zeros when the whole batch has none, which would make an image
+        # depend on its batch mates.
+        negative_prompts = (
+            [request.negative_prompt or "" for request in requests]
+            if sampling.guidance_scale > 1
+            else None
+        )
+        with self._lock, _PhaseTimer(self.pipe) as timer:
+            output = self.pipe(
+                prompt=[request.prompt for request in requests],
+                negative_prompt=negative_prompts,
+                width=width,
+                height=height,
+                generator=generators,
+                callback_on_step_end=timer.on_step_end,
+                **sampling.call_kwargs(),
+            )
+        return BatchResult(images=list(output.images), seeds=seeds, timings=timer.timings)
+
+
+class _PhaseTimer:
+    """Splits a pipeline call's time into text encoding, denoising and VAE decoding.
+
+    The phases end at the last text-encoder forward and at the end of the last denoising step;
+    on CUDA each end synchronises once, so the split is right without slowing the steps down.
+    """
+
+    def __init__(self, pipe: SDPipeline) -> None:
+        self.pipe = pipe
+        self.marks: dict[str, float] = {}
+        self.timings: dict[str, float] = {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._start = 0.0
+
+    def _mark(self, phase: str) -> None:
+        if self.pipe.device.type == "cuda":
+            torch.cuda.synchronize(self.pipe.device)
+        self.marks[phase] = time.perf_counter()
+
+    def on_step_end(
+        self, pipe: SDPipeline, step: int, timestep: Any, callback_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        if step == pipe.num_timesteps - 1:
+            self._mark("denoising")
+        return callback_kwargs
+
+    def __enter__(self) -> _PhaseTimer:
+        encoders = [self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)]
+        self._hooks = [
+            encoder.register_forward_hook(lambda *_: self._mark("text_encoding"))
+            for encoder in encoders
+            if encoder is not None
+        ]
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        end = time.perf_counter()
+        for hook in self._hooks:
+            hook.remove()
+        text_end = self.marks.get("text_encoding", self._start)
+        denoise_end = self.marks.get("denoising", text_end)
+        self.timings = {
+            "text_encoding": text_end - self._start,
+            "denoising": denoise_end - text_end,
+            "vae_decode": end - denoise_end,
+            "total": end - self._start,
+        }
+
+
+def load(
+    spec: ModelSpec,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    warmup: bool = True,
+) -> Generator:
+    """Build the pipeline that `spec` describes and return it as a ready `Generator`.
+
+    Weights are read with safetensors only (never pickle) and from local files only: `hub_id`
+    models must already be in the Hugging Face cache.
+
+    Args:
+        spec: The registry spec.
+        device: Torch device; defaults to "cuda" when available, else "cpu".
+        dtype: Weight dtype; defaults to float16 on CUDA and float32 elsewhere.
+        warmup: Run one 1-step image before returning.
+
+    Raises:
+        NotImplementedError: for backends other than "eager" (not available yet).
+        FileNotFoundError: if a weights file or folder named by the spec is missing.
+    """
+    if spec.backend != "eager":
+        raise NotImplementedError(
+            f"backend {spec.backend!r} of model {spec.name!r} is not available yet; "
+            'use backend = "eager"'
+        )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+    pipe = _load_pipeline(spec, dtype)
+    pipe.scheduler = spec.recipe_info.build_scheduler(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    fuse_loras(pipe, spec.loras)
+    generator = Generator(spec, pipe)
+    if warmup:
+        generator.warmup()
+    return generator
+
+
+def _load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> SDPipeline:
+    """The spec's base pipeline with its UNet override, on the CPU."""
+    for field in ("path", "single_file", "unet"):
+        location = getattr(spec, field)
+        if location is not None and not location.exists():
+            raise FileNotFoundError(f"model {spec.name!r}: {field} {str(location)!r} does not exist")
+
+    pipeline_cls: type[SDPipeline]
+    kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
+    if spec.family == "sdxl":
+        pipeline_cls = StableDiffusionXLPipeline
+        kwargs["add_watermarker"] = False
+    else:
+        pipeline_cls = StableDiffusionPipeline
+        kwargs |= {"safety_checker": None, "requires_safety_checker": False}
+    if spec.unet is not None and spec.unet.is_dir():
+        kwargs["unet"] = UNet2DConditionModel.from_pretrained(
+            spec.unet, torch_dtype=dtype, use_safetensors=True, local_files_only=True
+        )
+
+    pipe: SDPipeline
+    if spec.single_file is not None:
+        pipe = pipeline_cls.from_single_file(str(spec.single_file), **kwargs)
+    else:
+        source = str(spec.path) if spec.path is not None else spec.hub_id
+        pipe = pipeline_cls.from_pretrained(source, use_safetensors=True, **kwargs)
+
+    if spec.unet is not None and spec.unet.is_file():
+        # A bare state dict (like Hyper-SDXL-1step-Unet.safetensors): the base UNet's config and
+        # module tree, the file's weights.
+        pipe.unet.load_state_dict(safetensors.torch.load_file(spec.unet), strict=True)
+    return pipe

@@ -1,0 +1,1 @@
+"""The FastAPI gateway (routes, protocol, admission, metrics). Built by the Serving issue."""

@@ -1,0 +1,317 @@
+"""The Shapes evaluation: its maths on hand-made inputs; end to end on renders and a random model.
+
+A measure is only trusted when it is seen to pass what must pass (renders, ~100 %)
+and fail what must fail (an untrained diffusion model, ~0 %).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hypersd.shapes import Scene, ShapeObject, fixed_captions, parse_caption, render
+from training import evaluate
+from training.attributes import HEAD_NAMES, load_attribute_net, scene_labels
+from training.evaluate import (
+    EvalReport,
+    adherence,
+    attribute_accuracy,
+    evaluate_images,
+    frechet_distance,
+    sample_grid,
+)
+
+torch.set_num_threads(1)
+
+ONE = Scene("white", (ShapeObject("large", "red", "circle", "center"),))
+ONE_B = Scene("black", (ShapeObject("small", "blue", "square", "left"),))
+TWO = Scene(
+    "gray",
+    (ShapeObject("large", "red", "circle", "left"), ShapeObject("small", "blue", "cross", "right")),
+)
+TWO_B = Scene(
+    "white",
+    (
+        ShapeObject("small", "green", "triangle", "top"),
+        ShapeObject("small", "green", "cross", "bottom"),
+    ),
+)
+
+
+# ----------------------------------------------------------------------------- pure maths
+
+
+def test_adherence_on_hand_made_lists() -> None:
+    truth = [ONE, ONE_B, TWO, TWO_B]
+    assert adherence(truth, truth) == {"all": 1.0, "one": 1.0, "two": 1.0}
+    assert adherence([ONE, None, TWO, ONE], truth) == {"all": 0.5, "one": 0.5, "two": 0.5}
+    assert adherence([None, None, None, TWO_B], truth) == {"all": 0.25, "one": 0.0, "two": 0.5}
+    assert adherence([ONE_B, ONE], [ONE, ONE_B]) == {"all": 0.0, "one": 0.0}  # no two-object kind
+    with pytest.raises(ValueError):
+        adherence([ONE], truth)
+    with pytest.raises(ValueError):
+        adherence([], [])
+
+
+def test_attribute_accuracy_on_hand_made_labels() -> None:
+    truth = [ONE, TWO]
+    right = np.array([scene_labels(ONE), scene_labels(TWO)])
+    perfect = attribute_accuracy(right, truth)
+    assert perfect["all"] == dict.fromkeys(("background", "place", "color", "shape", "size"), 1.0)
+    wrong = right.copy()
+    wrong[0, HEAD_NAMES.index("background")] = (wrong[0, 0] + 1) % 3  # one-object: background
+    wrong[1, HEAD_NAMES.index("b_color")] = 0  # two-object: object B red, should be blue
+    result = attribute_accuracy(wrong, truth)
+    assert result["all"] == {
+        "background": 0.5,
+        "place": 1.0,
+        "color": 0.5,
+        "shape": 1.0,
+        "size": 1.0,
+    }
+    assert result["one"]["background"] == 0.0 and result["one"]["color"] == 1.0
+    assert result["two"]["background"] == 1.0 and result["two"]["color"] == 0.0
+    # an extra object in a one-object image (object B not "none") is a colour/shape/size error
+    extra = right.copy()
+    extra[0, 5:] = scene_labels(TWO)[5:]
+    assert attribute_accuracy(extra, truth)["one"] == {
+        "background": 1.0,
+        "place": 1.0,
+        "color": 0.0,
+        "shape": 0.0,
+        "size": 0.0,
+    }
+
+
+def test_frechet_distance() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 16))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    b = rng.normal(size=(400, 16))
+    same_distribution = frechet_distance(a, b)
+    shifted = frechet_distance(a, b + 1.0)
+    far = frechet_distance(a, b + 3.0)
+    assert 0 < same_distribution < 1.0
+    assert shifted == pytest.approx(16.0, rel=0.15)  # |mean shift|^2 = 16 * 1^2
+    assert far > shifted > same_distribution
+    wider = frechet_distance(a, b * 2.0)  # same mean, other covariance: D * (2 - 1)^2
+    assert wider == pytest.approx(16.0, rel=0.2)
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-6)
+
+
+def test_frechet_distance_with_fewer_samples_than_dimensions() -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(20, 64)), rng.normal(size=(20, 64)) + 0.5
+    value = frechet_distance(a, b)
+    assert np.isfinite(value) and value > 0
+    with pytest.raises(ValueError):
+        frechet_distance(a, b[:, :10])
+    with pytest.raises(ValueError):
+        frechet_distance(a[:1], b)
+
+
+# ----------------------------------------------------------------------------- on images
+
+
+@pytest.fixture(scope="module")
+def net() -> evaluate.AttributeNet:
+    return load_attribute_net()
+
+
+def test_evaluate_images_on_renders_and_noise(net: evaluate.AttributeNet) -> None:
+    captions = fixed_captions(40)
+    renders = evaluate.render_captions(captions, seed=3, stream="as-model")
+    good = evaluate_images(renders, captions, net, seed=3)
+    assert good.adherence["all"] >= 0.95
+    assert good.correct.count(True) == round(good.adherence["all"] * 40)
+    noise = [
+        np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(40)
+    ]
+    bad = evaluate_images(noise, captions, net, seed=3)
+    assert bad.adherence["all"] <= 0.05
+    assert bad.fid["all"] > 10 * good.fid["all"]
+    assert set(bad.fid) == {"all", "one", "two"}
+    table = good.markdown("renders")
+    assert "prompt adherence" in table and "FID (Shapes)" in table and "two objects (20)" in table
+
+
+def test_sample_grid_frames_and_size() -> None:
+    images = [np.full((64, 64, 3), 200, np.uint8) for _ in range(10)]
+    grid = sample_grid(images, [True] * 5 + [False] * 5)
+    assert grid.size == (8 * 68, 2 * 68)
+    assert grid.getpixel((0, 0)) == (40, 170, 60)
+    assert grid.getpixel((68 * 5, 68)) == (210, 40, 40)
+
+
+def _read_json(out: Path) -> dict:
+    return json.loads((out / "eval.json").read_text())
+
+
+def test_cli_reference_renders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "renders"
+    code = evaluate.main(["--reference", "renders", "--captions", "100", "--out", str(out)])
+    assert code == 0
+    data = _read_json(out)
+    assert data["count"] == 100
+    assert data["adherence"]["all"] >= 0.99
+    assert data["fid"]["all"] < 5
+    assert len(data["per_image"]) == 100
+    assert "prompt adherence" in (out / "eval.md").read_text()
+    assert "prompt adherence" in capsys.readouterr().out
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (8 * 68, 8 * 68)
+
+
+def test_cli_registry_model_through_the_pipeline_api(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--model`` goes through the hypersd.registry / hypersd.pipeline API (faked: a renderer)."""
+    calls: list[dict] = []
+
+    class Generator:
+        def generate(self, requests, **options):  # type: ignore[no-untyped-def]
+            calls.append({"n": len(requests), **options})
+            images = [
+                Image.fromarray(render(parse_caption(r.prompt), random.Random(r.seed)).image)
+                for r in requests
+            ]
+            return types.SimpleNamespace(images=images)
+
+    class Registry:
+        default = "shapes-default"
+
+        def get(self, name: str) -> str:
+            assert name == "shapes-hyper-2step"
+            return name
+
+    registry = types.ModuleType("hypersd.registry")
+    registry.load_registry = lambda path=None: Registry()  # type: ignore[attr-defined]
+    pipeline = types.ModuleType("hypersd.pipeline")
+    pipeline.load = lambda spec, **kw: Generator()  # type: ignore[attr-defined]
+    pipeline.ImageRequest = lambda prompt, seed, negative_prompt=None: types.SimpleNamespace(  # type: ignore[attr-defined]
+        prompt=prompt, seed=seed
+    )
+    monkeypatch.setitem(sys.modules, "hypersd.registry", registry)
+    monkeypatch.setitem(sys.modules, "hypersd.pipeline", pipeline)
+    out = tmp_path / "model"
+    argv = ["--model", "shapes-hyper-2step", "--steps", "2", "--guidance", "0", "--captions", "30"]
+    assert evaluate.main([*argv, "--batch-size", "16", "--out", str(out), "--quiet"]) == 0
+    assert [c["n"] for c in calls] == [16, 14]
+    assert calls[0]["steps"] == 2 and calls[0]["guidance_scale"] == 0.0
+    data = _read_json(out)
+    assert data["adherence"]["all"] >= 0.95
+    assert data["meta"]["source"] == "shapes-hyper-2step-2step"
+
+
+# ----------------------------------------------------------------------------- a random model
+
+
+def _tiny_random_pipeline(path: Path) -> None:
+    """A randomly initialised StableDiffusionPipeline small enough to run in a second."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in string.ascii_lowercase:
+        vocab[letter] = len(vocab)
+        vocab[letter + "</w>"] = len(vocab)
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(8, 16, 16),
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=64,
+        ),
+        text_encoder=CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        ),
+        tokenizer=CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77),
+        unet=UNet2DConditionModel(
+            sample_size=16,
+            layers_per_block=1,
+            block_out_channels=(16, 32),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        ),
+        scheduler=DDIMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-sd")
+    _tiny_random_pipeline(path)
+    return path
+
+
+def test_random_pipeline_scores_low(tiny_pipeline: Path, tmp_path: Path) -> None:
+    out = tmp_path / "random"
+    argv = ["--pipeline-dir", str(tiny_pipeline), "--steps", "2", "--guidance", "3"]
+    assert evaluate.main([*argv, "--captions", "24", "--out", str(out), "--quiet"]) == 0
+    data = _read_json(out)
+    assert data["adherence"]["all"] <= 0.1
+    assert data["fid"]["all"] > 20
+    assert data["meta"]["scheduler"] == "ddim-trailing"
+
+
+def test_reconstructions_of_a_random_vae_score_low(tiny_pipeline: Path, tmp_path: Path) -> None:
+    out = tmp_path / "recon"
+    argv = ["--reference", "reconstructions", "--vae", str(tiny_pipeline), "--captions", "24"]
+    assert evaluate.main([*argv, "--out", str(out), "--quiet"]) == 0
+    assert _read_json(out)["adherence"]["all"] <= 0.1
+    assert evaluate.main(["--reference", "reconstructions", "--captions", "4"]) == 2  # needs --vae
+
+
+def test_report_json_round_trip() -> None:
+    report = EvalReport(
+        count=2,
+        adherence={"all": 0.5, "one": 1.0, "two": 0.0},
+        attributes={},
+        fid={"all": 1.0},
+        captions=[ONE.caption(), TWO.caption()],
+        predicted=[ONE.caption(), None],
+        correct=[True, False],
+    )
+    data = json.loads(json.dumps(report.to_json()))
+    assert data["per_image"][1] == {"caption": TWO.caption(), "predicted": None, "correct": False}

@@ -1,0 +1,506 @@
+"""``hypersd-train base``: train the Shapes base model from scratch and save a diffusers folder.
+
+Three parts, each trained here with nothing downloaded: an x8 AutoencoderKL,
+a CLIP-style text encoder (with the offline tokenizer of ``training.tokenizer``)
+and a UNet2DConditionModel. The result loads with
+``StableDiffusionPipeline.from_pretrained`` as-is, like SD1.5.
+
+Phases (each resumes from its last checkpoint, so a run can span sessions):
+  1. render the training set (deterministic from the seed)
+  2. train the autoencoder                     -> <out_dir>/vae
+  3. encode every image to latents once          -> <out_dir>/latents.safetensors
+  4. train text encoder + UNet (EMA kept)        -> <out_dir>/unet
+  5. export the pipeline (EMA weights)           -> <export_dir>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from hypersd.shapes import ShapesDataset, fixed_captions
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import config_to_dict, load_config
+from training.objectives.diffusion import autoencoder_losses, denoising_losses
+from training.tokenizer import write_tokenizer
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Every setting of a base-model run; saved inside each checkpoint and beside the export."""
+
+    out_dir: str = "runs/shapes-base"
+    export_dir: str = "models/shapes-base"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    train_images: int = 60_000
+    # autoencoder (x8: 64 px -> 8x8 latents, as SD does at 512 px)
+    vae_channels: tuple[int, ...] = (16, 32, 64, 128)
+    vae_layers_per_block: int = 1
+    vae_steps: int = 4_000
+    vae_batch_size: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    # text encoder
+    max_tokens: int = 24
+    text_width: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    # UNet: attention only on the low-resolution levels
+    unet_channels: tuple[int, ...] = (64, 96, 128)
+    unet_attention_levels: int = 2
+    unet_layers_per_block: int = 1
+    unet_steps: int = 15_000
+    unet_batch_size: int = 64
+    unet_lr: float = 5e-4
+    warmup_steps: int = 300
+    ema_decay: float = 0.999
+    uncond_prob: float = 0.1
+    min_snr_gamma: float = 5.0
+    # bookkeeping
+    log_every: int = 50
+    checkpoint_every: int = 500
+    sample_every: int = 2_500
+    sample_guidance: float = 5.0
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def build_vae(cfg: BaseConfig) -> AutoencoderKL:
+    levels = len(cfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=cfg.vae_layers_per_block,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def build_text_encoder(cfg: BaseConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.text_width,
+        intermediate_size=cfg.text_width * 4,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        max_position_embeddings=cfg.max_tokens,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet(cfg: BaseConfig) -> UNet2DConditionModel:
+    levels = len(cfg.unet_channels)
+    plain = levels - cfg.unet_attention_levels
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=["DownBlock2D"] * plain + ["CrossAttnDownBlock2D"] * (levels - plain),
+        up_block_types=["CrossAttnUpBlock2D"] * (levels - plain) + ["UpBlock2D"] * plain,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=cfg.unet_layers_per_block,
+        cross_attention_dim=cfg.text_width,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def noise_scheduler() -> DDPMScheduler:
+    """SD1.5's training schedule: 1000 steps, scaled-linear betas, epsilon prediction."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+
+
+def inference_scheduler() -> DDIMScheduler:
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def render_training_set(seed: int, count: int) -> tuple[torch.Tensor, list[str]]:
+    """(count, 3, 64, 64) uint8 images and their captions, the same for the same seed."""
+    dataset = ShapesDataset(seed, count)
+    images = np.empty((count, 64, 64, 3), dtype=np.uint8)
+    captions = []
+    for i, sample in enumerate(tqdm(dataset, desc="render", mininterval=5)):
+        images[i] = sample.rendered.image
+        captions.append(sample.caption)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1.0
+
+
+def save_grid(images: list[Image.Image], path: Path, columns: int = 8) -> None:
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+class RunLog:
+    """Appends one JSON line per logged step, so a resumed run keeps one history."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def write(self, phase: str, step: int, values: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(
+                json.dumps({"phase": phase, "step": step, "time": time.time(), **values}) + "\n"
+            )
+
+
+def train_vae(
+    cfg: BaseConfig, images: torch.Tensor, device: torch.device, log: RunLog
+) -> AutoencoderKL:
+    """Phase 2: the autoencoder, resumed from <out_dir>/vae/checkpoint when there is one."""
+    folder = Path(cfg.out_dir) / "vae"
+    final = folder / "final"
+    if (final / "config.json").exists():
+        return AutoencoderKL.from_pretrained(final, use_safetensors=True).to(device)
+    vae = build_vae(cfg).to(device)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    step = 0
+    if (folder / "checkpoint" / "state.json").exists():
+        step = load_checkpoint(
+            folder / "checkpoint", modules={"vae": vae}, optimizers={"vae": optimizer}
+        )["step"]
+    generator = torch.Generator().manual_seed(cfg.seed + step)
+    vae.train()
+    progress = tqdm(range(step, cfg.vae_steps), desc="vae", initial=step, total=cfg.vae_steps)
+    for step in progress:
+        # 1. a random batch of renders, in [-1, 1]
+        index = torch.randint(0, len(images), (cfg.vae_batch_size,), generator=generator)
+        batch = to_model_range(images[index]).to(device)
+        # 2. loss and update at the scheduled learning rate
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup_steps)
+        losses = autoencoder_losses(vae, batch, cfg.vae_kl_weight)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        # 3. log and checkpoint
+        if step % cfg.log_every == 0:
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            progress.set_postfix(l1=f"{values['l1']:.4f}")
+            log.write("vae", step, values)
+        if (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(
+                folder / "checkpoint",
+                step=step + 1,
+                config=config_to_dict(cfg),
+                modules={"vae": vae},
+                optimizers={"vae": optimizer},
+            )
+    vae.eval()
+    # The latents' scale: SD multiplies latents by 1 / their standard deviation.
+    with torch.no_grad():
+        sample = to_model_range(images[:2048]).to(device)
+        latents = torch.cat([vae.encode(b).latent_dist.mean for b in sample.split(256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    vae.save_pretrained(final, safe_serialization=True)
+    return vae
+
+
+def encode_latents(
+    cfg: BaseConfig, vae: AutoencoderKL, images: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 3: each image's posterior mean and std, computed once and cached on disk."""
+    path = Path(cfg.out_dir) / "latents.safetensors"
+    if path.exists():
+        cached = load_file(path)
+        return cached["mean"], cached["std"]
+    means, stds = [], []
+    with torch.no_grad():
+        for batch in tqdm(images.split(256), desc="encode"):
+            posterior = vae.encode(to_model_range(batch).to(device)).latent_dist
+            means.append(posterior.mean.cpu())
+            stds.append(posterior.std.cpu())
+    mean, std = torch.cat(means), torch.cat(stds)
+    save_file({"mean": mean.contiguous(), "std": std.contiguous()}, path)
+    return mean, std
+
+
+def build_pipeline(
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    unet: UNet2DConditionModel,
+) -> StableDiffusionPipeline:
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=inference_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def write_samples(cfg: BaseConfig, pipeline: StableDiffusionPipeline, path: Path) -> None:
+    captions = fixed_captions(16)
+    generators = [torch.Generator().manual_seed(i) for i in range(len(captions))]
+    with torch.no_grad():
+        images = pipeline(
+            captions,
+            num_inference_steps=25,
+            guidance_scale=cfg.sample_guidance,
+            generator=generators,
+            height=64,
+            width=64,
+        ).images
+    save_grid(images, path)
+
+
+@dataclass
+class DenoiserState:
+    """Text encoder, UNet, their optimizer and EMA: what a phase-4 checkpoint holds."""
+
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    optimizer: torch.optim.Optimizer
+    ema: EMAModel
+    step: int
+
+    @property
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.unet.parameters(), *self.text_encoder.parameters()]
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        # A ParameterList view lets the checkpoint save the EMA weights like a module.
+        ema_module = torch.nn.ParameterList(self.ema.shadow_params)
+        return {"unet": self.unet, "text_encoder": self.text_encoder, "ema": ema_module}
+
+    @classmethod
+    def restore(
+        cls, cfg: BaseConfig, tokenizer: CLIPTokenizer, device: torch.device
+    ) -> DenoiserState:
+        """Fresh models, or the ones in <out_dir>/unet/checkpoint when it exists."""
+        unet, text_encoder = (
+            build_unet(cfg).to(device),
+            build_text_encoder(cfg, tokenizer).to(device),
+        )
+        parameters = [*unet.parameters(), *text_encoder.parameters()]
+        optimizer = torch.optim.AdamW(parameters, lr=cfg.unet_lr, weight_decay=0.01)
+        ema = EMAModel(parameters, decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
+        state = cls(unet, text_encoder, optimizer, ema, step=0)
+        checkpoint = Path(cfg.out_dir) / "unet" / "checkpoint"
+        if (checkpoint / "state.json").exists():
+            saved = load_checkpoint(
+                checkpoint, modules=state.modules(), optimizers={"unet": optimizer}
+            )
+            state.step = saved["step"]
+            ema.optimization_step = saved["ema_step"]
+        return state
+
+
+def train_unet(
+    cfg: BaseConfig,
+    vae: AutoencoderKL,
+    tokenizer: CLIPTokenizer,
+    latents: tuple[torch.Tensor, torch.Tensor],
+    captions: list[str],
+    device: torch.device,
+    log: RunLog,
+) -> StableDiffusionPipeline:
+    """Phase 4: text encoder and UNet, trained together with the diffusion loss; EMA kept."""
+    folder = Path(cfg.out_dir) / "unet"
+    state = DenoiserState.restore(cfg, tokenizer, device)
+    unet, text_encoder, optimizer, ema = state.unet, state.text_encoder, state.optimizer, state.ema
+    parameters, step = state.parameters, state.step
+    token_ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=cfg.max_tokens,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    empty_ids = token_ids.new_tensor(
+        tokenizer("", padding="max_length", max_length=cfg.max_tokens).input_ids
+    )
+    latent_mean, latent_std = latents
+    scale = vae.config.scaling_factor
+    scheduler = noise_scheduler()
+    generator = torch.Generator(device).manual_seed(cfg.seed + step)
+    cpu_generator = torch.Generator().manual_seed(cfg.seed + step)
+    samples_dir = Path(cfg.out_dir) / "samples"
+    print(
+        f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters, "
+        f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f}M"
+    )
+    progress = tqdm(range(step, cfg.unet_steps), desc="unet", initial=step, total=cfg.unet_steps)
+    for step in progress:
+        # 1. a batch: latents drawn from each image's posterior, captions dropped for CFG
+        index = torch.randint(0, len(captions), (cfg.unet_batch_size,), generator=cpu_generator)
+        noise = torch.randn(latent_mean[index].shape, generator=cpu_generator)
+        batch = ((latent_mean[index] + latent_std[index] * noise) * scale).to(device)
+        ids = token_ids[index].clone()
+        drop = torch.rand(len(ids), generator=cpu_generator) < cfg.uncond_prob
+        ids[drop] = empty_ids
+        # 2. loss and update
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup_steps)
+        text = text_encoder(ids.to(device))[0]
+        losses = denoising_losses(
+            unet, scheduler, batch, text, min_snr_gamma=cfg.min_snr_gamma, generator=generator
+        )
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        ema.step(parameters)
+        # 3. log, checkpoint, sample
+        if step % cfg.log_every == 0:
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            progress.set_postfix(loss=f"{values['loss']:.4f}")
+            log.write("unet", step, values)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
+            save_checkpoint(
+                folder / "checkpoint",
+                step=step + 1,
+                config=config_to_dict(cfg),
+                modules=state.modules(),
+                optimizers={"unet": optimizer},
+                extra={"ema_step": ema.optimization_step},
+            )
+        if (step + 1) % cfg.sample_every == 0:
+            with ema_weights(ema, parameters):
+                pipeline = build_pipeline(vae, text_encoder, tokenizer, unet)
+                write_samples(cfg, pipeline, samples_dir / f"step-{step + 1:06d}.png")
+    ema.copy_to(parameters)
+    return build_pipeline(vae, text_encoder.eval(), tokenizer, unet.eval())
+
+
+class ema_weights:
+    """Swap the EMA weights in for the duration of a block (sampling during training)."""
+
+    def __init__(self, ema: EMAModel, parameters: list[torch.nn.Parameter]) -> None:
+        self.ema, self.parameters = ema, parameters
+
+    def __enter__(self) -> None:
+        self.ema.store(self.parameters)
+        self.ema.copy_to(self.parameters)
+
+    def __exit__(self, *exc: object) -> None:
+        self.ema.restore(self.parameters)
+
+
+def export(cfg: BaseConfig, pipeline: StableDiffusionPipeline) -> Path:
+    """Phase 5: a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads as-is."""
+    folder = Path(cfg.export_dir)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    (folder / "training_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    return folder
+
+
+def export_checkpoint(cfg: BaseConfig, tokenizer: CLIPTokenizer) -> Path:
+    """Export the EMA weights of the latest phase-4 checkpoint, e.g. while training goes on."""
+    vae = AutoencoderKL.from_pretrained(Path(cfg.out_dir) / "vae" / "final", use_safetensors=True)
+    state = DenoiserState.restore(cfg, tokenizer, torch.device("cpu"))
+    if state.step == 0:
+        raise ValueError(f"no UNet checkpoint under {cfg.out_dir}/unet/checkpoint")
+    state.ema.copy_to(state.parameters)
+    pipeline = build_pipeline(vae, state.text_encoder.eval(), tokenizer, state.unet.eval())
+    folder = export(cfg, pipeline)
+    write_samples(cfg, pipeline, folder / "samples.png")
+    return folder
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device must be one of ['auto', 'cpu', 'cuda'], got {name!r}")
+    return torch.device(name)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="hypersd-train base", description=__doc__)
+    parser.add_argument("--config", help="YAML file of BaseConfig keys")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument(
+        "--export-checkpoint",
+        action="store_true",
+        help="export the EMA weights of the last UNet checkpoint now (a run may still be going)",
+    )
+    args = parser.parse_args(argv)
+    cfg = load_config(BaseConfig, args.config, args.overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    log = RunLog(out / "log.jsonl")
+
+    tokenizer = CLIPTokenizer.from_pretrained(write_tokenizer(out / "tokenizer", cfg.max_tokens))
+    if args.export_checkpoint:
+        folder = export_checkpoint(cfg, tokenizer)
+        print(f"saved {folder} from the phase-4 checkpoint")
+        return 0
+    images, captions = render_training_set(cfg.seed, cfg.train_images)
+    vae = train_vae(cfg, images, device, log)
+    latents = encode_latents(cfg, vae, images, device)
+    pipeline = train_unet(cfg, vae, tokenizer, latents, captions, device, log)
+    folder = export(cfg, pipeline)
+    write_samples(cfg, pipeline.to("cpu"), folder / "samples.png")
+    print(f"saved {folder}")
+    return 0

@@ -1,0 +1,529 @@
+"""Evaluate a text-to-image model on the Shapes world: prompt adherence and FID (Shapes).
+
+``hypersd-train evaluate --model NAME [--steps N] [--guidance G] [--captions 500] [--seed S]
+[--out DIR]`` generates one image per caption of the fixed caption set
+(``hypersd.shapes.fixed_captions``), reads every image with the attribute
+network (``training.attributes``) and reports
+
+* prompt adherence: the share of images whose predicted scene is exactly the
+  caption's scene, overall and per caption kind (one / two objects);
+* per-attribute accuracies (background, place, colour, shape, size), which
+  say *why* images fail;
+* FID (Shapes): the Fréchet distance between the generated images and fresh
+  renders of the same captions, in the attribute network's feature space.
+
+Other sources of images, for the same report:
+
+* ``--pipeline-dir DIR``: a diffusers ``StableDiffusionPipeline`` folder,
+  loaded directly (works before a registry entry exists);
+* ``--reference renders``: renders themselves (the measure's ceiling, ~100 %);
+* ``--reference reconstructions --vae PATH``: renders passed through an
+  ``AutoencoderKL`` (encode, decode). This gates the VAE: a diffusion model
+  cannot be more correct than its decoder's reconstructions.
+
+The core (``adherence``, ``attribute_accuracy``, ``frechet_distance``,
+``evaluate_images``) is pure and needs no diffusion model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hypersd.shapes import Scene, fixed_captions, parse_caption, render
+from training.attributes import (
+    DEFAULT_MODEL_DIR,
+    HEAD_NAMES,
+    AttributeNet,
+    decode_labels,
+    images_to_tensor,
+    labels_tensor,
+    load_attribute_net,
+    split_logits,
+)
+
+KINDS = ("one", "two")
+# Reported attribute -> the heads that must all be right (object A and object B).
+ATTRIBUTE_HEADS: dict[str, tuple[str, ...]] = {
+    "background": ("background",),
+    "place": ("layout",),
+    "color": ("a_color", "b_color"),
+    "shape": ("a_shape", "b_shape"),
+    "size": ("a_size", "b_size"),
+}
+ImageLike = Image.Image | np.ndarray
+GOOD, BAD = (40, 170, 60), (210, 40, 40)  # frame colours of the sample grid
+
+
+# ----------------------------------------------------------------------------- pure measures
+
+
+def adherence(
+    pred_scenes: Sequence[Scene | None], true_scenes: Sequence[Scene]
+) -> dict[str, float]:
+    """Share of exact matches: ``all`` and per caption kind (``one``, ``two``).
+
+    A kind with no captions is left out rather than reported as 0 or NaN.
+    ``None`` predictions (no valid scene) count as wrong.
+    """
+    if len(pred_scenes) != len(true_scenes):
+        raise ValueError(f"{len(pred_scenes)} predictions for {len(true_scenes)} scenes")
+    if not true_scenes:
+        raise ValueError("no scenes to score")
+    hits = [p == t for p, t in zip(pred_scenes, true_scenes, strict=True)]
+    result = {"all": float(np.mean(hits))}
+    for kind in KINDS:
+        selected = [h for h, t in zip(hits, true_scenes, strict=True) if t.kind == kind]
+        if selected:
+            result[kind] = float(np.mean(selected))
+    return result
+
+
+def attribute_accuracy(
+    pred_labels: np.ndarray | torch.Tensor, true_scenes: Sequence[Scene]
+) -> dict[str, dict[str, float]]:
+    """Per-attribute accuracy from the raw head predictions, for ``all`` and each kind.
+
+    Computed from the heads, not from decoded scenes, so an image whose heads do
+    not form a valid scene still tells which attributes it got right. Colour,
+    shape and size count as right when both object heads are (for a one-object
+    caption object B must be ``none``: no extra object).
+    """
+    predicted = np.asarray(pred_labels)
+    truth = labels_tensor(list(true_scenes)).numpy()
+    if predicted.shape != truth.shape:
+        raise ValueError(f"labels of shape {predicted.shape}, expected {truth.shape}")
+    right = predicted == truth
+    kinds = np.array([s.kind for s in true_scenes])
+    result: dict[str, dict[str, float]] = {}
+    for group in ("all", *KINDS):
+        rows = np.ones(len(kinds), bool) if group == "all" else kinds == group
+        if not rows.any():
+            continue
+        result[group] = {
+            name: float(right[rows][:, [HEAD_NAMES.index(h) for h in heads]].all(1).mean())
+            for name, heads in ATTRIBUTE_HEADS.items()
+        }
+    return result
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6) -> float:
+    """Fréchet distance between Gaussians fitted to two (N, D) feature sets.
+
+    ``|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b))``, as FID. With fewer
+    samples than dimensions the covariances are singular and ``sqrtm`` may
+    return non-finite or complex values: a small ``eps`` is added to the
+    diagonals then, and the imaginary part (numerical noise) is dropped.
+    """
+    from scipy import linalg
+
+    a = np.asarray(feats_a, dtype=np.float64)
+    b = np.asarray(feats_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sets of shapes {a.shape} and {b.shape} do not compare")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("need at least two samples per set")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(a.shape[1]) * eps
+        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    covmean = np.real(covmean)
+    diff = mu_a - mu_b
+    value = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean)
+    return max(0.0, float(value))
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+@dataclass
+class EvalReport:
+    """Everything one evaluation measured, plus per-image results for inspection."""
+
+    count: int
+    adherence: dict[str, float]
+    attributes: dict[str, dict[str, float]]
+    fid: dict[str, float]
+    captions: list[str]
+    predicted: list[str | None]  # the predicted scene's caption; None when no valid scene
+    correct: list[bool]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["per_image"] = [
+            {"caption": c, "predicted": p, "correct": ok}
+            for c, p, ok in zip(
+                data.pop("captions"), data.pop("predicted"), data.pop("correct"), strict=True
+            )
+        ]
+        return data
+
+    def markdown(self, title: str = "Shapes evaluation") -> str:
+        """The report as a markdown table: measures as rows, caption kinds as columns."""
+        kinds = self.captions_by_kind()
+        header = [f"all ({self.count})"] + [
+            f"{'one object' if k == 'one' else 'two objects'} ({kinds[k]})" for k in KINDS
+        ]
+        lines = [f"## {title}", ""]
+        if self.meta:
+            shown = {k: v for k, v in self.meta.items() if v is not None}
+            lines += [", ".join(f"{k}: {v}" for k, v in shown.items()), ""]
+        lines.append("| measure | " + " | ".join(header) + " |")
+        lines.append("|---" * (len(header) + 1) + "|")
+
+        def row(name: str, values: dict[str, float], fmt: Callable[[float], str]) -> str:
+            cells = [fmt(values[g]) if g in values else "–" for g in ("all", *KINDS)]
+            return f"| {name} | " + " | ".join(cells) + " |"
+
+        def percent(v: float) -> str:
+            return f"{v:.1%}"
+
+        lines.append(row("**prompt adherence**", self.adherence, percent))
+        for attribute in ATTRIBUTE_HEADS:
+            values = {g: acc[attribute] for g, acc in self.attributes.items()}
+            lines.append(row(f"{attribute} accuracy", values, percent))
+        lines.append(row("**FID (Shapes)**", self.fid, lambda v: f"{v:.3f}"))
+        return "\n".join(lines) + "\n"
+
+    def captions_by_kind(self) -> dict[str, int]:
+        kinds = [parse_caption(c).kind for c in self.captions]
+        return {k: kinds.count(k) for k in KINDS}
+
+
+@torch.no_grad()
+def _read(net: AttributeNet, images: Sequence[ImageLike], batch_size: int) -> tuple[Any, Any]:
+    """Head predictions (N, heads) and features (N, D) of ``images``, batch by batch."""
+    labels, features = [], []
+    for start in range(0, len(images), batch_size):
+        batch = images_to_tensor(images[start : start + batch_size], net.device)
+        feats, logits = net.features_and_logits(batch)
+        labels.append(torch.stack([p.argmax(1) for p in split_logits(logits)], 1).cpu())
+        features.append(feats.double().cpu())
+    return torch.cat(labels).numpy(), torch.cat(features).numpy()
+
+
+def render_captions(captions: Sequence[str], seed: int, stream: str = "real") -> list[np.ndarray]:
+    """A fresh render of each caption; ``stream`` keeps independent sets independent."""
+    return [
+        render(parse_caption(c), random.Random(f"eval-{stream}:{seed}:{i}")).image
+        for i, c in enumerate(captions)
+    ]
+
+
+def evaluate_images(
+    images: Sequence[ImageLike],
+    captions: Sequence[str],
+    net: AttributeNet,
+    *,
+    reference: Sequence[ImageLike] | None = None,
+    seed: int = 0,
+    batch_size: int = 250,
+) -> EvalReport:
+    """Judge ``images`` against their ``captions``; FID against ``reference`` images.
+
+    Without ``reference``, fresh renders of the same captions are the real set
+    (``render_captions(captions, seed)``), so the FID compares like with like.
+    """
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images for {len(captions)} captions")
+    scenes = [parse_caption(c) for c in captions]
+    if reference is None:
+        reference = render_captions(captions, seed)
+    labels, features = _read(net, images, batch_size)
+    _, real_features = _read(net, reference, batch_size)
+    predicted = [decode_labels(row) for row in labels.tolist()]
+    kinds = np.array([s.kind for s in scenes])
+    fid = {"all": frechet_distance(features, real_features)}
+    for kind in KINDS:
+        rows = kinds == kind
+        if rows.sum() >= 2:
+            fid[kind] = frechet_distance(features[rows], real_features[rows])
+    return EvalReport(
+        count=len(captions),
+        adherence=adherence(predicted, scenes),
+        attributes=attribute_accuracy(labels, scenes),
+        fid=fid,
+        captions=list(captions),
+        predicted=[p.caption() if p else None for p in predicted],
+        correct=[p == s for p, s in zip(predicted, scenes, strict=True)],
+    )
+
+
+# ----------------------------------------------------------------------------- image sources
+
+
+def generate_with_registry(
+    model: str | None,
+    captions: Sequence[str],
+    *,
+    seed: int,
+    steps: int | None,
+    guidance: float | None,
+    eta: float | None,
+    size: int | None,
+    batch_size: int,
+    device: str | None,
+    registry_path: str | None = None,
+) -> tuple[list[Image.Image], str]:
+    """Images from a registry model through the serving pipeline (what users get)."""
+    from hypersd.pipeline import ImageRequest, load
+    from hypersd.registry import load_registry
+
+    registry = load_registry(registry_path)
+    name = model or registry.default
+    generator = load(registry.get(name), device=device, warmup=False)
+    images: list[Image.Image] = []
+    for start in _progress(range(0, len(captions), batch_size), "generate"):
+        requests = [
+            ImageRequest(prompt=c, seed=seed + start + i)
+            for i, c in enumerate(captions[start : start + batch_size])
+        ]
+        result = generator.generate(
+            requests, steps=steps, width=size, height=size, guidance_scale=guidance, eta=eta
+        )
+        images.extend(result.images)
+    return images, name
+
+
+def generate_with_pipeline_dir(
+    directory: str,
+    captions: Sequence[str],
+    *,
+    scheduler: str,
+    seed: int,
+    steps: int | None,
+    guidance: float | None,
+    eta: float | None,
+    size: int | None,
+    batch_size: int,
+    device: str | None,
+) -> list[Image.Image]:
+    """Images from a diffusers StableDiffusionPipeline folder (safetensors only).
+
+    ``scheduler``: ``ddim-trailing`` (the Hyper-SD N-step recipe), ``ddim`` or
+    ``model`` (the folder's own). Each image has its own CPU generator seeded
+    ``seed + index``, so results do not depend on the batch size or device.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        directory, use_safetensors=True, safety_checker=None, requires_safety_checker=False
+    )
+    if scheduler == "ddim-trailing":
+        pipe.scheduler = DDIMScheduler.from_config(
+            pipe.scheduler.config, timestep_spacing="trailing"
+        )
+    elif scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    elif scheduler != "model":
+        raise ValueError(f"scheduler must be ddim-trailing, ddim or model, got {scheduler!r}")
+    pipe.to(_device(device))
+    pipe.set_progress_bar_config(disable=True)
+    options: dict[str, Any] = {"output_type": "pil"}
+    if steps is not None:
+        options["num_inference_steps"] = steps
+    if guidance is not None:
+        options["guidance_scale"] = guidance
+    if eta is not None:
+        options["eta"] = eta
+    if size is not None:
+        options["height"] = options["width"] = size
+    images: list[Image.Image] = []
+    for start in _progress(range(0, len(captions), batch_size), "generate"):
+        prompts = list(captions[start : start + batch_size])
+        generators = [torch.Generator().manual_seed(seed + start + i) for i in range(len(prompts))]
+        with torch.no_grad():
+            images.extend(pipe(prompts, generator=generators, **options).images)
+    return images
+
+
+@torch.no_grad()
+def reconstruct(
+    images: Sequence[np.ndarray], vae_path: str, *, batch_size: int, device: str | None
+) -> list[np.ndarray]:
+    """Round trip through an AutoencoderKL (encode -> latent mode -> decode), as uint8 images.
+
+    ``vae_path`` is a VAE folder or a pipeline folder with a ``vae/`` subfolder.
+    """
+    from diffusers import AutoencoderKL
+
+    path = Path(vae_path)
+    subfolder = "vae" if (path / "vae" / "config.json").exists() else None
+    vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, use_safetensors=True)
+    vae = vae.to(_device(device)).eval()
+    out: list[np.ndarray] = []
+    for start in _progress(range(0, len(images), batch_size), "reconstruct"):
+        x = images_to_tensor(images[start : start + batch_size], vae.device) * 2 - 1
+        latents = vae.encode(x).latent_dist.mode()
+        decoded = ((vae.decode(latents).sample.clamp(-1, 1) + 1) * 127.5).round()
+        out.extend(decoded.byte().permute(0, 2, 3, 1).cpu().numpy())
+    return out
+
+
+def _device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _progress(items: Sequence[int], desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, leave=False, file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def sample_grid(
+    images: Sequence[ImageLike], correct: Sequence[bool] | None = None, columns: int = 8
+) -> Image.Image:
+    """Tile up to ``columns``² images; a green / red frame marks correct / wrong ones."""
+    tiles = [np.asarray(i.convert("RGB") if isinstance(i, Image.Image) else i) for i in images]
+    tiles = tiles[: columns * columns]
+    if not tiles:
+        raise ValueError("no images for the grid")
+    height, width = tiles[0].shape[:2]
+    frame = 2
+    rows = math.ceil(len(tiles) / columns)
+    cell_h, cell_w = height + 2 * frame, width + 2 * frame
+    grid = np.full((rows * cell_h, min(columns, len(tiles)) * cell_w, 3), 255, np.uint8)
+    for index, tile in enumerate(tiles):
+        r, c = divmod(index, columns)
+        y, x = r * cell_h, c * cell_w
+        if correct is not None:
+            grid[y : y + cell_h, x : x + cell_w] = GOOD if correct[index] else BAD
+        grid[y + frame : y + frame + height, x + frame : x + frame + width] = tile[:height, :width]
+    return Image.fromarray(grid)
+
+
+def write_outputs(
+    report: EvalReport, images: Sequence[ImageLike], out: Path, title: str
+) -> dict[str, Path]:
+    """Write ``eval.md``, ``eval.json`` and ``grid.png`` (the first 64 images) to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"md": out / "eval.md", "json": out / "eval.json", "grid": out / "grid.png"}
+    paths["md"].write_text(report.markdown(title))
+    data = report.to_json()
+    data["grid_captions"] = report.captions[:64]
+    paths["json"].write_text(json.dumps(data, indent=2) + "\n")
+    sample_grid(images, report.correct).save(paths["grid"])
+    return paths
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hypersd-train evaluate",
+        description="Prompt adherence and FID (Shapes) of a model, a pipeline or a reference.",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", help="registry model name (default: the registry's default)")
+    source.add_argument("--pipeline-dir", help="a diffusers StableDiffusionPipeline folder")
+    source.add_argument(
+        "--reference",
+        choices=("renders", "reconstructions"),
+        help="evaluate renders themselves, or their VAE reconstructions (needs --vae)",
+    )
+    parser.add_argument(
+        "--vae", help="AutoencoderKL folder (or pipeline folder) for reconstructions"
+    )
+    parser.add_argument("--registry", help="registry file (default: the project's)")
+    parser.add_argument(
+        "--scheduler",
+        choices=("ddim-trailing", "ddim", "model"),
+        default="ddim-trailing",
+        help="scheduler for --pipeline-dir",
+    )
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
+    parser.add_argument("--eta", type=float, help="scheduler eta (TCD / DDIM)")
+    parser.add_argument("--size", type=int, help="generate at this size (default: the model's)")
+    parser.add_argument("--captions", type=int, default=500, help="number of fixed captions")
+    parser.add_argument("--seed", type=int, default=0, help="seed of generation and real renders")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--attributes", default=str(DEFAULT_MODEL_DIR), help="attribute network")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--out", help="output folder (default: runs/eval/<label>)")
+    parser.add_argument("--quiet", action="store_true", help="do not print the table")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.reference == "reconstructions" and not args.vae:
+        print("--reference reconstructions needs --vae PATH", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = None if args.device == "auto" else args.device
+    captions = fixed_captions(args.captions)
+    started = time.time()
+    images: Sequence[ImageLike]
+    if args.reference == "renders":
+        images, label = render_captions(captions, args.seed, stream="as-model"), "renders"
+    elif args.reference == "reconstructions":
+        renders = render_captions(captions, args.seed, stream="as-model")
+        images = reconstruct(renders, args.vae, batch_size=args.batch_size, device=device)
+        label = f"reconstructions-{Path(args.vae).name}"
+    else:
+        common: dict[str, Any] = {
+            "seed": args.seed,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "eta": args.eta,
+            "size": args.size,
+            "batch_size": args.batch_size,
+            "device": device,
+        }
+        if args.pipeline_dir:
+            images = generate_with_pipeline_dir(
+                args.pipeline_dir, captions, scheduler=args.scheduler, **common
+            )
+            label = Path(args.pipeline_dir).name
+        else:
+            images, label = generate_with_registry(
+                args.model, captions, registry_path=args.registry, **common
+            )
+        label += f"-{args.steps}step" if args.steps else ""
+    generation_seconds = time.time() - started
+    net = load_attribute_net(args.attributes, _device(device))
+    report = evaluate_images(images, captions, net, seed=args.seed)
+    report.meta = {
+        "source": label,
+        "model": args.model,
+        "pipeline_dir": args.pipeline_dir,
+        "scheduler": args.scheduler if args.pipeline_dir else None,
+        "reference": args.reference,
+        "vae": args.vae,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "eta": args.eta,
+        "captions": args.captions,
+        "seed": args.seed,
+        "generation_seconds": round(generation_seconds, 1),
+    }
+    out = Path(args.out or Path("runs") / "eval" / label)
+    write_outputs(report, images, out, f"Shapes evaluation: {label}")
+    if not args.quiet:
+        print(report.markdown(f"Shapes evaluation: {label}"))
+        print(f"written to {out}/eval.md, eval.json, grid.png")
+    return 0

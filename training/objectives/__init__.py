@@ -1,0 +1,1 @@
+"""Training objectives: small pure functions that return a dict of loss terms."""
