@@ -18,7 +18,18 @@ def _output_paths(out: Path, count: int) -> list[Path]:
     return [out / f"image-{i}.png" for i in range(count)]
 
 
+def _quiet_libraries() -> None:
+    """Keep the CLI's output to what it made: no loading bars or library chatter."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (transformers_logging, diffusers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+
 def generate(args: argparse.Namespace) -> int:
+    _quiet_libraries()
     from hypersd.pipeline import ImageRequest, load
 
     registry = load_registry(args.registry)
@@ -47,7 +58,7 @@ def generate(args: argparse.Namespace) -> int:
 
 def models(args: argparse.Namespace) -> int:
     registry = load_registry(args.registry)
-    for name in registry.names():
+    for name in registry.names:
         spec = registry.get(name)
         marker = "*" if name == registry.default else " "
         print(f"{marker} {name:<28} {spec.family:<5} {spec.recipe:<20} {spec.description}")

@@ -2,13 +2,15 @@
 
 Hyper-SD's official LoRAs are kohya files (`lora_unet_down_blocks_0_..._to_q.lora_down.weight`,
 `.lora_up.weight`, `.alpha`, and `lora_te_...` for the text encoder), while our training writes
-diffusers/peft ones. diffusers' `load_lora_weights` already converts kohya keys (in
-`diffusers.loaders.lora_conversion_utils`), so both are loaded through it; this module adds what a
-server needs around it: safetensors only, a format check, fusing several LoRAs with their scales,
-and unfusing to swap LoRAs without reloading the base model.
+diffusers/peft ones. diffusers already converts kohya keys (`diffusers.loaders.
+lora_conversion_utils`), so both go through diffusers' own loader; this module adds what a server
+needs around it: safetensors only, a format check, a fix for mixed-layout diffusers files (see
+`load_lora`), fusing several LoRAs with their scales, and unfusing to swap LoRAs without reloading
+the base model.
 
-Fusing bakes `W + scale * B @ A` into the base weights, so a fused LoRA costs nothing per step. The
-peft layers stay in place (inactive) so that `unfuse_loras` can subtract the LoRAs again.
+Fusing bakes `W + scale * alpha / rank * B @ A` into the base weights, so a fused LoRA costs
+nothing per step. The peft layers stay in place (merged) so that `unfuse_loras` can subtract the
+LoRAs again.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ from typing import Literal
 import safetensors
 import safetensors.torch
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+# Imported from their modules: mypy reads diffusers' lazy top-level names as placeholder classes
+# without attributes.
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    StableDiffusionXLPipeline,
+)
 from diffusers.utils import (
     convert_all_state_dict_to_peft,
     convert_state_dict_to_diffusers,
@@ -33,6 +41,7 @@ from diffusers.utils import (
 from hypersd.registry import LoraSpec
 
 SDPipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+"""The pipelines we serve; import it from here rather than typing `diffusers.X` names."""
 
 # diffusers' own test for a kohya state dict (`lora_state_dict`), and the components of ours.
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -62,7 +71,7 @@ def detect_format(path: str | Path) -> Literal["diffusers", "kohya"]:
         keys = list(file.keys())
     if keys and all(key.startswith(KOHYA_PREFIXES) for key in keys):
         return "kohya"
-    if keys and all(key.startswith(DIFFUSERS_PREFIXES) for key in keys):
+    if keys and all(key.startswith(DIFFUSERS_PREFIXES) and "lora" in key for key in keys):
         return "diffusers"
     raise ValueError(
         f"LoRA {str(path)!r} is in neither the diffusers layout (keys starting with "
@@ -74,21 +83,51 @@ def detect_format(path: str | Path) -> Literal["diffusers", "kohya"]:
 def load_lora(pipe: SDPipeline, lora: LoraSpec) -> None:
     """Load one LoRA into `pipe` as the peft adapter `lora.name`, without activating its scale.
 
+    This is `pipe.load_lora_weights` spelled out, with one fix: diffusers converts the UNet keys
+    to peft's layout only when the *first* key needs it, but the usual way of saving a diffusers
+    LoRA (`convert_state_dict_to_diffusers` of a peft state dict) renames only the attention
+    layers, so a LoRA that also covers convolutions mixes both layouts and its attention layers
+    were dropped without a word. Here every UNet key is converted.
+
     Raises:
         ValueError: if the file is not `.safetensors` or its keys do not match `lora.format`.
     """
     found = detect_format(lora.path)
     if lora.format not in ("auto", found):
         raise ValueError(f"LoRA {lora.name!r}: format = {lora.format!r}, but the file is {found}")
-    # Passed as folder + weight name (not as a state dict) so that diffusers also reads the
-    # adapter metadata (rank, alpha) that `save_lora_weights` stores in the file header.
-    pipe.load_lora_weights(
+    state_dict, network_alphas, metadata = pipe.lora_state_dict(
         str(lora.path.parent),
         weight_name=lora.path.name,
-        adapter_name=lora.name,
         use_safetensors=True,
         local_files_only=True,
+        unet_config=pipe.unet.config,  # maps kohya's SGM block names (SDXL) to diffusers ones
+        return_lora_metadata=True,
     )
+    unet_layers = {key: value for key, value in state_dict.items() if key.startswith("unet.")}
+    state_dict = {
+        **{key: value for key, value in state_dict.items() if key not in unet_layers},
+        **convert_unet_state_dict_to_peft(unet_layers),
+    }
+    pipe.load_lora_into_unet(
+        state_dict,
+        network_alphas=network_alphas,
+        unet=pipe.unet,
+        adapter_name=lora.name,
+        metadata=metadata,
+        low_cpu_mem_usage=True,
+    )
+    for component in ("text_encoder", "text_encoder_2"):
+        encoder = getattr(pipe, component, None)
+        if encoder is not None:
+            pipe.load_lora_into_text_encoder(
+                state_dict,
+                network_alphas=network_alphas,
+                text_encoder=encoder,
+                prefix=component,
+                adapter_name=lora.name,
+                metadata=metadata,
+                low_cpu_mem_usage=True,
+            )
 
 
 def fuse_loras(pipe: SDPipeline, loras: Sequence[LoraSpec]) -> None:

@@ -18,7 +18,11 @@ from typing import Any
 import PIL.Image
 import safetensors.torch
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    StableDiffusionXLPipeline,
+)
 
 from hypersd.lora import SDPipeline, fuse_loras
 from hypersd.recipes import Sampling
@@ -113,8 +117,11 @@ class Generator:
         return self._run(requests, sampling, width, height)
 
     def warmup(self) -> None:
-        """Generate one 1-step image so that the first real request does not pay for lazy
-        initialisation (kernel selection, memory pools)."""
+        """Generate one 1-step image, so that the first request does not pay for lazy set-up.
+
+        The first call of a pipeline selects kernels and fills memory pools; doing it at load
+        time keeps it out of the first user's latency.
+        """
         sampling = replace(self.spec.resolve_sampling(), steps=1)
         self._run([ImageRequest(prompt="warm-up", seed=0)], sampling, *self.spec.default_size)
 
@@ -150,8 +157,9 @@ class Generator:
 class _PhaseTimer:
     """Splits a pipeline call's time into text encoding, denoising and VAE decoding.
 
-    The phases end at the last text-encoder forward and at the end of the last denoising step;
-    on CUDA each end synchronises once, so the split is right without slowing the steps down.
+    The phases end at the last text-encoder forward and at the end of the last denoising step.
+    On CUDA those marks synchronise the device, so the split is right; the denoising steps
+    themselves are never synchronised, so timing does not slow them down.
     """
 
     def __init__(self, pipe: SDPipeline) -> None:
@@ -169,6 +177,7 @@ class _PhaseTimer:
     def on_step_end(
         self, pipe: SDPipeline, step: int, timestep: Any, callback_kwargs: dict[str, Any]
     ) -> dict[str, Any]:
+        """`callback_on_step_end` hook of the pipeline call: marks the end of the last step."""
         if step == pipe.num_timesteps - 1:
             self._mark("denoising")
         return callback_kwargs
@@ -244,10 +253,12 @@ def _load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> SDPipeline:
     for field in ("path", "single_file", "unet"):
         location = getattr(spec, field)
         if location is not None and not location.exists():
-            raise FileNotFoundError(f"model {spec.name!r}: {field} {str(location)!r} does not exist")
+            raise FileNotFoundError(
+                f"model {spec.name!r}: {field} {str(location)!r} does not exist"
+            )
 
     pipeline_cls: type[SDPipeline]
-    kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": True}
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": True}
     if spec.family == "sdxl":
         pipeline_cls = StableDiffusionXLPipeline
         kwargs["add_watermarker"] = False
@@ -256,14 +267,14 @@ def _load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> SDPipeline:
         kwargs |= {"safety_checker": None, "requires_safety_checker": False}
     if spec.unet is not None and spec.unet.is_dir():
         kwargs["unet"] = UNet2DConditionModel.from_pretrained(
-            spec.unet, torch_dtype=dtype, use_safetensors=True, local_files_only=True
+            spec.unet, dtype=dtype, use_safetensors=True, local_files_only=True
         )
 
     pipe: SDPipeline
     if spec.single_file is not None:
         pipe = pipeline_cls.from_single_file(str(spec.single_file), **kwargs)
     else:
-        source = str(spec.path) if spec.path is not None else spec.hub_id
+        source = str(spec.path or spec.hub_id)  # the registry guarantees exactly one source
         pipe = pipeline_cls.from_pretrained(source, use_safetensors=True, **kwargs)
 
     if spec.unet is not None and spec.unet.is_file():

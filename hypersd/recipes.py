@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from diffusers import SchedulerMixin
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 SchedulerName = Literal["DDIMScheduler", "TCDScheduler", "LCMScheduler"]
 
@@ -73,7 +73,8 @@ class Recipe:
             step), which is what the distilled N-step and 1-step weights expect.
         guidance_range: Inclusive `(min, max)` of the guidance scales that give sane images.
         negative_prompt: Whether negative prompts apply; they only do with CFG.
-        eta: Default TCD `eta` (stochasticity, the paper's gamma); `None` if the recipe takes no eta.
+        eta: Default TCD `eta` (stochasticity, the paper's gamma); `None` if the recipe takes
+            no eta.
         eta_range: Inclusive `(min, max)` of `eta`; required when `eta` is set.
         timesteps: Explicit timesteps for the pipeline call instead of the scheduler's spacing (the
             1-step SDXL UNet is trained to denoise from t=800 only).
@@ -147,7 +148,7 @@ class Recipe:
                 f"guidance_scale={guidance_scale:g} is not allowed for recipe {self.name!r}; "
                 f"allowed: {allowed}"
             )
-        if self.eta_range is None:
+        if self.eta is None or self.eta_range is None:
             if eta is not None:
                 raise ValueError(
                     f"eta is not used by recipe {self.name!r}; "
@@ -165,6 +166,11 @@ class Recipe:
                 f"negative_prompt is not supported by recipe {self.name!r} (it samples without "
                 "classifier-free guidance); recipes with negative prompts: "
                 f"{', '.join(_names(lambda r: r.negative_prompt))}"
+            )
+        if negative_prompt and guidance_scale <= 1:
+            raise ValueError(
+                "negative_prompt needs classifier-free guidance, i.e. guidance_scale > 1; "
+                f"got guidance_scale={guidance_scale:g}"
             )
         return Sampling(recipe=self, steps=steps, guidance_scale=guidance_scale, eta=eta)
 
@@ -200,7 +206,7 @@ RECIPES: Mapping[str, Recipe] = MappingProxyType(
             ),
             Recipe(
                 name="cfg-lora",
-                description="Hyper-SD CFG-preserving LoRA: DDIM trailing with CFG and negative prompts",
+                description="Hyper-SD CFG-preserving LoRA: DDIM trailing, CFG and negative prompts",
                 scheduler="DDIMScheduler",
                 scheduler_kwargs=_DDIM_TRAILING,
                 steps=(8, 12),
@@ -235,9 +241,7 @@ def get_recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}"
-        ) from None
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}") from None
 
 
 def resolve(

@@ -59,8 +59,8 @@ DEFAULT_REGISTRY_PATH = Path(__file__).resolve().parent.parent / "models" / "reg
 REGISTRY_ENV = "HYPERSD_REGISTRY"
 
 # Names of models and LoRAs: no slashes and no leading dot, so a name can never be read as a path.
-NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-HUB_ID_PATTERN = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 # Families' native sizes, used when an entry lists none.
 _FAMILY_SIZES: dict[str, Size] = {"sd15": (512, 512), "sdxl": (1024, 1024)}
@@ -121,7 +121,9 @@ def _parse_size(value: Any) -> Any:
 def _check_size(size: Size) -> Size:
     for side in size:
         if side % 8 or not 8 <= side <= 4096:
-            raise ValueError(f"sizes must be multiples of 8 from 8 to 4096, got {format_size(size)}")
+            raise ValueError(
+                f"sizes must be multiples of 8 from 8 to 4096, got {format_size(size)}"
+            )
     return size
 
 
@@ -134,7 +136,8 @@ class LoraSpec(BaseModel):
     """A LoRA fused into a model at load time.
 
     Args:
-        name: The adapter's name (letters, digits, `.`, `_`, `-`): what logs and requests use.
+        name: The adapter's name (lower-case letters, digits, `.`, `_`, `-`), used in logs and
+            by requests.
         path: The `.safetensors` file, relative to the registry file.
         scale: Fusing weight; Hyper-SD's LoRAs are made for 1.0.
         format: Key layout: `diffusers` (what `save_lora_weights` writes), `kohya` (`lora_unet_...`,
@@ -326,9 +329,7 @@ class ModelSpec(BaseModel):
                 f"allowed: {format_steps(self.steps)}"
             )
         guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        return self.recipe_info.resolve(
-            steps, guidance_scale, eta, negative_prompt=negative_prompt
-        )
+        return self.recipe_info.resolve(steps, guidance_scale, eta, negative_prompt=negative_prompt)
 
     def resolve_size(self, width: int | None = None, height: int | None = None) -> Size:
         """Validate a request's output size, filling a missing side from `default_size`.

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from hypersd.shapes import Scene, ShapeObject, ShapesDataset, render, sample_scene
-from hypersd.shapes.spec import OBJECT_COLORS, SHAPES, SLOTS
+from hypersd.shapes.spec import BACKGROUND_COLORS, OBJECT_COLORS, SHAPES, SLOTS
 from training import attributes
 from training.attributes import (
     DEFAULT_MODEL_DIR,
@@ -29,6 +29,8 @@ from training.attributes import (
     decode_labels,
     images_to_tensor,
     load_attribute_net,
+    odd_shape_coverage,
+    render_batch,
     save_attribute_net,
     scene_labels,
 )
@@ -114,6 +116,39 @@ def test_flags_near_miss_renders(net: AttributeNet, mutate: object) -> None:
     assert flagged.all()
 
 
+@pytest.mark.parametrize("variant", ["clutter", "odd"])
+def test_flags_renders_with_something_no_caption_describes(net: AttributeNet, variant: str) -> None:
+    """A stray extra object, or an object of no Shapes shape: wrong for the caption."""
+    dataset = ShapesDataset(seed=777_002, length=100)
+    options = {"clutter_prob": 1.0} if variant == "clutter" else {"odd_prob": 1.0}
+    images, scenes, _, variants = render_batch(dataset, 0, 100, **options)
+    keep = [v == variant for v in variants]
+    x = images_to_tensor(images.numpy())[torch.tensor(keep)]
+    captions = [s.caption() for s, k in zip(scenes, keep, strict=True) if k]
+    assert len(captions) >= 90
+    assert (~net.is_correct(x, captions)).float().mean() >= 0.95
+    # and the same renders without it are right
+    clean, _, _, _ = render_batch(dataset, 0, 100)
+    assert net.is_correct(images_to_tensor(clean.numpy()), scenes).float().mean() >= 0.98
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_a_diamond_is_no_cross(net: AttributeNet, size: str) -> None:
+    """What a blurry decoder makes of a small cross (a diamond) must not pass as one."""
+    rng = random.Random(size)
+    captions, images = [], []
+    for _ in range(40):
+        scene = sample_scene(rng, "one")
+        scene = Scene(scene.background, (replace(scene.objects[0], shape="cross", size=size),))
+        rendered = render(scene, rng)
+        alpha = odd_shape_coverage("diamond", rendered.placements[0], rng)[..., None]
+        color = np.asarray(OBJECT_COLORS[scene.objects[0].color], np.float32)
+        background = np.asarray(BACKGROUND_COLORS[scene.background], np.float32)
+        images.append(np.rint(background * (1 - alpha) + color * alpha).astype(np.uint8))
+        captions.append(scene.caption())
+    assert not net.is_correct(images_to_tensor(images), captions).any()
+
+
 def test_reward_prefers_the_right_caption(
     net: AttributeNet, fresh: tuple[torch.Tensor, list[Scene]]
 ) -> None:
@@ -160,6 +195,9 @@ def test_labels_round_trip() -> None:
         assert decode_labels(labels) == scene
 
 
+ONE_SCENE = Scene("gray", (ShapeObject("small", "cyan", "cross", "top"),))
+
+
 def test_inconsistent_labels_decode_to_none() -> None:
     one = scene_labels(Scene("white", (ShapeObject("large", "red", "circle", "center"),)))
     two = scene_labels(
@@ -176,7 +214,11 @@ def test_inconsistent_labels_decode_to_none() -> None:
     # a two-object layout whose object B is "none"
     assert decode_labels((*two[:5], *one[5:])) is None
     # two identical objects
-    assert decode_labels((*two[:5], *two[2:5])) is None
+    assert decode_labels((*two[:5], *two[2:5], 0)) is None
+    # something else drawn
+    assert decode_labels((*one[:-1], 1)) is None
+    assert decode_labels(scene_labels(ONE_SCENE, extra=True)) is None
+    assert decode_labels(scene_labels(ONE_SCENE)) == ONE_SCENE
 
 
 def test_images_to_tensor_accepts_pil_arrays_and_other_sizes() -> None:
@@ -208,6 +250,8 @@ def test_shipped_weights_load_without_pickle(monkeypatch: pytest.MonkeyPatch) ->
     config = json.loads((Path(DEFAULT_MODEL_DIR) / "config.json").read_text())
     assert {"architecture", "heads", "training", "metrics"} <= set(config)
     assert config["metrics"]["clean"]["exact"] >= 0.995
+    assert config["metrics"]["clutter"]["judged_correct"] <= 0.02
+    assert config["metrics"]["odd"]["judged_correct"] <= 0.02
     assert sum(p.numel() for p in net.parameters()) < 1_000_000
 
 
@@ -252,6 +296,6 @@ def test_training_cli_runs_and_saves(tmp_path: Path) -> None:
     config = json.loads((out / "config.json").read_text())
     assert config["training"]["steps"] == 3
     assert config["architecture"]["channels"] == [8, 8]
-    assert set(config["metrics"]) >= {"clean", "augmented", "train_seconds"}
+    assert set(config["metrics"]) >= {"clean", "augmented", "clutter", "odd", "train_seconds"}
     assert (tmp_path / "log" / "train_log.jsonl").read_text().count("\n") >= 1
     load_attribute_net(out)

@@ -25,6 +25,7 @@ TINY = [
     "text_width=32",
     "text_layers=1",
     "text_heads=2",
+    "decoder_steps=2",
     "unet_channels=32,32,32",
     "unet_batch_size=4",
     "warmup_steps=1",
@@ -62,6 +63,13 @@ def test_base_training_exports_a_pipeline_diffusers_loads(tmp_path: Path) -> Non
     ).images[0]
     assert image.shape == (64, 64, 3)
     assert pipeline.vae.config.scaling_factor != pytest.approx(0.18215)  # measured, not SD's
+
+    # The decoder fine-tune changes the decoder only: the UNet's latent space stays put.
+    vae = load_file(tmp_path / "run/vae/final/diffusion_pytorch_model.safetensors")
+    tuned = load_file(tmp_path / "run/vae/decoder/final/diffusion_pytorch_model.safetensors")
+    for key, tensor in vae.items():
+        same = torch.equal(tensor, tuned[key])
+        assert same == key.startswith(("encoder.", "quant_conv.")), key
 
 
 def test_base_training_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:

@@ -23,8 +23,8 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from peft import LoraConfig, inject_adapter_in_model
 from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -105,7 +105,7 @@ def _vae() -> AutoencoderKL:
 
 
 def tiny_sd15_pipeline(tokenizer_folder: Path, seed: int = 0) -> StableDiffusionPipeline:
-    """An SD1.5-architecture pipeline (PNDM scheduler config, like the real one) with random weights."""
+    """An SD1.5-architecture pipeline with random weights and SD1.5's PNDM scheduler config."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -148,7 +148,7 @@ def tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
 
 
 def tiny_sdxl_pipeline(tokenizer_folder: Path, seed: int = 0) -> StableDiffusionXLPipeline:
-    """An SDXL-architecture pipeline (Euler scheduler config, like the real one) with random weights."""
+    """An SDXL-architecture pipeline with random weights and SDXL's Euler scheduler config."""
     unet = tiny_sdxl_unet(seed)
     tokenizer = tiny_tokenizer(tokenizer_folder)
     return StableDiffusionXLPipeline(

@@ -32,6 +32,7 @@ import dataclasses
 import io
 import json
 import math
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -42,10 +43,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-from hypersd.shapes import Scene, ShapeObject, ShapesDataset, parse_caption
+from hypersd.shapes import (
+    Placement,
+    Scene,
+    ShapeObject,
+    ShapesDataset,
+    ShapesSample,
+    parse_caption,
+    render,
+)
 from hypersd.shapes.spec import (
     BACKGROUND_COLORS,
     CANVAS,
@@ -54,6 +63,7 @@ from hypersd.shapes.spec import (
     RELATIONS,
     SHAPES,
     SIZES,
+    SUPERSAMPLE,
 )
 from training.config import config_to_dict, load_config
 
@@ -84,6 +94,9 @@ HEADS: dict[str, tuple[str, ...]] = {
     "b_color": (*COLORS, NONE),
     "b_shape": (*SHAPE_NAMES, NONE),
     "b_size": (*SIZE_NAMES, NONE),
+    # Anything drawn that the scene does not explain (a stray blob, a third object):
+    # an image is correct only when "nothing else is drawn" (shapes-world.md).
+    "extra": ("no", "yes"),
 }
 HEAD_NAMES: tuple[str, ...] = tuple(HEADS)
 HEAD_SIZES: tuple[int, ...] = tuple(len(classes) for classes in HEADS.values())
@@ -92,8 +105,11 @@ HEAD_SIZES: tuple[int, ...] = tuple(len(classes) for classes in HEADS.values())
 # ----------------------------------------------------------------------------- labels
 
 
-def scene_labels(scene: Scene) -> tuple[int, ...]:
-    """The class index of ``scene`` under every head, in ``HEAD_NAMES`` order."""
+def scene_labels(scene: Scene, extra: bool = False) -> tuple[int, ...]:
+    """The class index of ``scene`` under every head, in ``HEAD_NAMES`` order.
+
+    ``extra``: the image also shows something the scene does not (training clutter).
+    """
     first = scene.objects[0]
     if len(scene.objects) == 1:
         layout = first.slot
@@ -110,15 +126,22 @@ def scene_labels(scene: Scene) -> tuple[int, ...]:
         second.color if second else NONE,
         second.shape if second else NONE,
         second.size if second else NONE,
+        "yes" if extra else "no",
     )
     return tuple(HEADS[head].index(value) for head, value in zip(HEAD_NAMES, values, strict=True))
 
 
 def labels_tensor(
-    scenes: Sequence[Scene | str], device: torch.device | str | None = None
+    scenes: Sequence[Scene | str],
+    device: torch.device | str | None = None,
+    extra: Sequence[bool] | None = None,
 ) -> Tensor:
     """(N, heads) long tensor of ``scene_labels``; captions are parsed first."""
-    rows = [scene_labels(parse_caption(s) if isinstance(s, str) else s) for s in scenes]
+    flags = list(extra) if extra is not None else [False] * len(scenes)
+    rows = [
+        scene_labels(parse_caption(s) if isinstance(s, str) else s, flag)
+        for s, flag in zip(scenes, flags, strict=True)
+    ]
     return torch.tensor(rows, dtype=torch.long, device=device).reshape(len(rows), len(HEADS))
 
 
@@ -126,10 +149,13 @@ def decode_labels(labels: Sequence[int]) -> Scene | None:
     """The scene that per-head class indices describe, or None when they describe none.
 
     None when the heads disagree with each other (a one-object layout with an
-    object B, a two-object layout without one) or the result breaks a scene
-    rule (two identical objects): such an image is not correct for any caption.
+    object B, a two-object layout without one), when something else is drawn
+    (``extra``), or when the result breaks a scene rule (two identical
+    objects): such an image is not correct for any caption.
     """
     values = {head: HEADS[head][int(i)] for head, i in zip(HEAD_NAMES, labels, strict=True)}
+    if values["extra"] != "no":
+        return None
     first_fields = (values["a_size"], values["a_color"], values["a_shape"])
     second_fields = (values["b_size"], values["b_color"], values["b_shape"])
     layout = values["layout"]
@@ -137,7 +163,7 @@ def decode_labels(labels: Sequence[int]) -> Scene | None:
         if NONE in second_fields:
             return None
         first_slot, second_slot = TWO_OBJECT_LAYOUTS[layout]
-        objects = (
+        objects: tuple[ShapeObject, ...] = (
             ShapeObject(*first_fields, first_slot),
             ShapeObject(*second_fields, second_slot),
         )
@@ -165,22 +191,25 @@ def images_to_tensor(
     unchanged (it must already be (N, 3, 64, 64) in [0, 1]).
     """
     if isinstance(images, Tensor):
+        if not images.is_floating_point() or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError("a tensor must already be float (N, 3, H, W) in [0, 1]")
         return images.to(device)
     arrays = []
     for image in images:
-        if isinstance(image, Image.Image):
-            image = image.convert("RGB")
-            if image.size != (CANVAS, CANVAS):
-                image = image.resize((CANVAS, CANVAS), Image.Resampling.BOX)
-            array = np.asarray(image)
-        else:
-            array = np.asarray(image)
-            if array.shape[:2] != (CANVAS, CANVAS):
-                return images_to_tensor([Image.fromarray(array) for array in images], device)
-        arrays.append(array)
+        if not isinstance(image, Image.Image):
+            if image.dtype != np.uint8:
+                raise ValueError(f"arrays must be uint8 (H, W, 3), got {image.dtype}")
+            if image.shape[:2] == (CANVAS, CANVAS):
+                arrays.append(np.asarray(image))
+                continue
+            image = Image.fromarray(image)
+        image = image.convert("RGB")
+        if image.size != (CANVAS, CANVAS):
+            image = image.resize((CANVAS, CANVAS), Image.Resampling.BOX)
+        arrays.append(np.asarray(image))
     if not arrays:
         return torch.zeros(0, 3, CANVAS, CANVAS, device=device)
-    batch = torch.from_numpy(np.stack(arrays).astype(np.uint8)).to(device)
+    batch = torch.from_numpy(np.stack(arrays)).to(device)
     return batch.permute(0, 3, 1, 2).float().div_(255.0)
 
 
@@ -460,7 +489,7 @@ class AttributesConfig:
     """Training config of the attribute network (saved into its config.json)."""
 
     seed: int = 0
-    steps: int = 2500
+    steps: int = 1500
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -481,6 +510,10 @@ class AttributesConfig:
     color_shift: float = 0.03
     noise_prob: float = 0.5
     noise_std_max: float = 0.04
+    # negatives, labelled extra=yes: shares of training images with one extra object
+    # drawn, and with one object redrawn as an off-vocabulary shape
+    clutter_prob: float = 0.2
+    odd_prob: float = 0.15
     # evaluation on fresh renders (a dataset seed the training never uses)
     eval_size: int = 2000
     eval_seed: int = 1_000_003
@@ -500,15 +533,178 @@ class AttributesConfig:
         return AttributeNetConfig(self.channels, self.strides, self.feature_dim)
 
 
-def render_batch(dataset: ShapesDataset, start: int, count: int) -> tuple[Tensor, list[Scene]]:
-    """Render items ``start .. start + count`` of ``dataset``: (images uint8 NHWC, scenes)."""
-    samples = [dataset[i] for i in range(start, start + count)]
-    images = torch.from_numpy(np.stack([s.rendered.image for s in samples]))
-    return images, [s.scene for s in samples]
+# Extents no Shapes object has, with a margin (small is 11-13 px, large 21-23 px):
+# clutter of these sizes can never be read as a legitimate object of some caption.
+CLUTTER_EXTENTS: tuple[int, ...] = (*range(4, 9), *range(16, 20))
+# Shapes outside the vocabulary, among them what a blurry generator or autoencoder
+# makes of real ones (a small cross turns into a diamond): an image showing one is
+# correct for no caption. Only shapes that stay distinct from every real shape at
+# 12 px: a hexagon or a squircle is, at that size, a circle or a square give or take
+# a pixel, and training them as "odd" only taught the network label noise
+# (rounded_square and hexagon are kept for probing, not trained on).
+ODD_SHAPES: tuple[str, ...] = ("diamond", "ellipse", "down_triangle", "t_shape")
+IGNORE = -1  # a label that is not scored (the shape head of an odd shape)
+
+
+def _box_gap(a: Placement, b: Placement) -> float:
+    ax0, ay0, ax1, ay1 = a.box
+    bx0, by0, bx1, by1 = b.box
+    return max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1)
+
+
+def odd_shape_coverage(kind: str, placement: Placement, rng: random.Random) -> np.ndarray:
+    """Coverage (H, W) in [0, 1] of an off-vocabulary shape in ``placement``'s box.
+
+    Drawn like the renderer draws (4x supersampled, box-filtered), so only the
+    shape itself tells it apart from a real object. ``kind`` is one of
+    ``ODD_SHAPES`` or, for probing the network, ``rounded_square`` / ``hexagon``.
+    """
+    s = SUPERSAMPLE
+    big = Image.new("L", (CANVAS * s, CANVAS * s), 0)
+    draw = ImageDraw.Draw(big)
+    x0, y0, x1, y1 = (round(v * s) for v in placement.box)
+    cx, cy = (x0 + x1 - 1) / 2, (y0 + y1 - 1) / 2
+    side = x1 - x0
+    if kind == "diamond":
+        draw.polygon([(cx, y0), (x1 - 1, cy), (cx, y1 - 1), (x0, cy)], fill=255)
+    elif kind == "ellipse":
+        short = side * rng.uniform(0.45, 0.7) / 2
+        if rng.random() < 0.5:
+            draw.ellipse((x0, cy - short, x1 - 1, cy + short), fill=255)
+        else:
+            draw.ellipse((cx - short, y0, cx + short, y1 - 1), fill=255)
+    elif kind == "rounded_square":
+        radius = side * rng.uniform(0.28, 0.4)
+        draw.rounded_rectangle((x0, y0, x1 - 1, y1 - 1), radius=radius, fill=255)
+    elif kind == "down_triangle":
+        draw.polygon([(x0, y0), (x1 - 1, y0), (cx, y1 - 1)], fill=255)
+    elif kind == "t_shape":  # a cross with one arm missing
+        half_bar = round(placement.extent / 3) * s // 2
+        icx, icy = placement.center_x * s, placement.center_y * s
+        draw.rectangle((x0, icy - half_bar, x1 - 1, icy + half_bar - 1), fill=255)
+        draw.rectangle((icx - half_bar, y0, icx + half_bar - 1, y1 - 1), fill=255)
+        arm = rng.choice(
+            [
+                (x0, y0, x1 - 1, icy - half_bar - 1),  # top
+                (x0, icy + half_bar, x1 - 1, y1 - 1),  # bottom
+                (x0, y0, icx - half_bar - 1, y1 - 1),  # left
+                (icx + half_bar, y0, x1 - 1, y1 - 1),  # right
+            ]
+        )
+        draw.rectangle(arm, fill=0)
+    elif kind == "hexagon":
+        draw.regular_polygon((cx, cy, side / 2), 6, rotation=rng.choice((0, 30)), fill=255)
+    else:
+        raise ValueError(f"unknown odd shape {kind!r}")
+    small = big.resize((CANVAS, CANVAS), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def _composite(background: str, layers: Sequence[tuple[np.ndarray, str]]) -> np.ndarray:
+    """Paint (coverage, colour name) layers over a background, as the flat renderer does."""
+    canvas = np.empty((CANVAS, CANVAS, 3), dtype=np.float32)
+    canvas[:] = BACKGROUND_COLORS[background]
+    for alpha, color in layers:
+        fill = np.asarray(OBJECT_COLORS[color], np.float32)
+        canvas = canvas * (1.0 - alpha[..., None]) + fill * alpha[..., None]
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+
+
+def add_clutter(sample: ShapesSample, rng: random.Random) -> np.ndarray | None:
+    """The render with one extra object that no caption describes, or None when there is no room.
+
+    The extra object has a palette colour, any shape, an extent no real object
+    has, and sits anywhere on the canvas (edges included) at least 2 px from
+    the scene's objects, so the scene itself stays intact.
+    """
+    extent = rng.choice(CLUTTER_EXTENTS)
+    half = math.ceil(extent / 2)
+    for _ in range(30):
+        placement = Placement(
+            rng.randint(half, CANVAS - half), rng.randint(half, CANVAS - half), extent
+        )
+        if all(_box_gap(placement, other) >= 2 for other in sample.rendered.placements):
+            break
+    else:
+        return None
+    color = rng.choice(COLORS)
+    scene = Scene(
+        sample.scene.background,
+        (ShapeObject("small", color, rng.choice(SHAPE_NAMES), "center"),),
+    )
+    alpha = render(scene, placements=(placement,)).coverage[0]
+    objects = zip(sample.rendered.coverage, sample.scene.objects, strict=True)
+    layers = [(coverage, obj.color) for coverage, obj in objects]
+    return _composite(sample.scene.background, [*layers, (alpha, color)])
+
+
+def add_odd_shape(sample: ShapesSample, rng: random.Random) -> tuple[np.ndarray, int]:
+    """The render with one of its objects redrawn as an off-vocabulary shape.
+
+    Returns the image and the index of the changed object (same place, size, colour).
+    """
+    index = rng.randrange(len(sample.scene.objects))
+    kind = rng.choice(ODD_SHAPES)
+    layers = []
+    objects = zip(sample.rendered.coverage, sample.scene.objects, strict=True)
+    for i, (coverage, obj) in enumerate(objects):
+        if i == index:
+            coverage = odd_shape_coverage(kind, sample.rendered.placements[i], rng)
+        layers.append((coverage, obj.color))
+    return _composite(sample.scene.background, layers), index
+
+
+def render_batch(
+    dataset: ShapesDataset,
+    start: int,
+    count: int,
+    clutter_prob: float = 0.0,
+    odd_prob: float = 0.0,
+) -> tuple[Tensor, list[Scene], Tensor, list[str]]:
+    """Render items ``start .. start + count`` with their training labels.
+
+    Each item is, by its own RNG (the dataset's seed and the index, so batches
+    are reproducible), a plain render, a render with clutter (probability
+    ``clutter_prob``) or one with an odd shape (``odd_prob``); both negatives
+    are labelled ``extra = yes``, and an odd shape's shape head is not scored.
+
+    Returns: images uint8 (N, H, W, 3), scenes, labels (N, heads) with
+    ``IGNORE`` where not scored, and each item's variant (clean / clutter / odd).
+    """
+    images, scenes, rows, variants = [], [], [], []
+    for index in range(start, start + count):
+        sample = dataset[index]
+        rng = random.Random(f"negatives:{dataset.seed}:{index}")
+        draw = rng.random()
+        image, variant = sample.rendered.image, "clean"
+        labels = list(scene_labels(sample.scene))
+        if draw < clutter_prob:
+            cluttered = add_clutter(sample, rng)
+            if cluttered is not None:
+                image, variant = cluttered, "clutter"
+        elif draw < clutter_prob + odd_prob:
+            image, changed = add_odd_shape(sample, rng)
+            variant = "odd"
+            labels[HEAD_NAMES.index("a_shape" if changed == 0 else "b_shape")] = IGNORE
+        if variant != "clean":
+            labels[HEAD_NAMES.index("extra")] = HEADS["extra"].index("yes")
+        images.append(image)
+        scenes.append(sample.scene)
+        rows.append(labels)
+        variants.append(variant)
+    labels_out = torch.tensor(rows, dtype=torch.long).reshape(len(rows), len(HEADS))
+    return torch.from_numpy(np.stack(images)), scenes, labels_out, variants
 
 
 def _to_float(images: Tensor, device: torch.device) -> Tensor:
     return images.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def training_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean over images of the summed per-head cross-entropy; ``IGNORE`` labels cost nothing."""
+    scored = labels != IGNORE
+    log_probs = per_head_log_prob(logits, labels.clamp_min(0))
+    return -(log_probs * scored).sum(1).mean()
 
 
 @torch.no_grad()
@@ -516,12 +712,16 @@ def accuracy(
     net: AttributeNet,
     images: Tensor,
     scenes: Sequence[Scene],
+    labels: Tensor,
     batch_size: int = 500,
 ) -> dict[str, float]:
-    """Exact-scene accuracy and per-head accuracy of ``net`` on float [0, 1] images."""
+    """Exact-scene accuracy and per-head accuracy (scored labels only) on [0, 1] images.
+
+    On negatives (clutter, odd shapes) "exact" is the share judged correct for
+    the caption, which must be ~0.
+    """
     was_training = net.training
     net.eval()
-    truth = labels_tensor(scenes)
     predicted = torch.cat(
         [
             net.predict_labels(images[i : i + batch_size].to(net.device)).cpu()
@@ -534,23 +734,34 @@ def accuracy(
         "exact": float(np.mean([d == s for d, s in zip(decoded, scenes, strict=True)])),
     }
     for i, head in enumerate(HEAD_NAMES):
-        result[head] = float((predicted[:, i] == truth[:, i]).float().mean())
+        scored = labels[:, i] != IGNORE
+        hits = (predicted[:, i] == labels[:, i])[scored]
+        result[head] = float(hits.float().mean()) if len(hits) else float("nan")
     return result
 
 
-def evaluation_sets(config: AttributesConfig) -> dict[str, tuple[Tensor, list[Scene]]]:
-    """Clean and augmented renders of a held-out dataset seed, fixed for a config."""
-    raw, scenes = render_batch(
-        ShapesDataset(config.eval_seed, config.eval_size), 0, config.eval_size
-    )
+def evaluation_sets(config: AttributesConfig) -> dict[str, tuple[Tensor, list[Scene], Tensor]]:
+    """Held-out renders (a dataset seed training never uses), fixed for a config.
+
+    ``clean``: plain renders; ``augmented``: every one of them degraded;
+    ``clutter``: with an extra object drawn (where there is room); ``odd``:
+    with one object redrawn as an off-vocabulary shape.
+    """
+    dataset = ShapesDataset(config.eval_seed, config.eval_size)
+    raw, scenes, labels, _ = render_batch(dataset, 0, config.eval_size)
     clean = _to_float(raw, torch.device("cpu"))
     generator = torch.Generator().manual_seed(config.eval_seed)
-    # every image augmented, to report the harder number
     heavy = dataclasses.replace(config.augment_config(), prob=1.0)
     augmented = torch.cat(
         [augment(clean[i : i + 500], heavy, generator) for i in range(0, len(clean), 500)]
     )
-    return {"clean": (clean, scenes), "augmented": (augmented, scenes)}
+    sets = {"clean": (clean, scenes, labels), "augmented": (augmented, scenes, labels)}
+    for name, options in (("clutter", {"clutter_prob": 1.0}), ("odd", {"odd_prob": 1.0})):
+        raw, scenes, labels, variants = render_batch(dataset, 0, config.eval_size, **options)
+        keep = torch.tensor([v == name for v in variants])
+        kept = [s for s, k in zip(scenes, keep.tolist(), strict=True) if k]
+        sets[name] = (_to_float(raw[keep], torch.device("cpu")), kept, labels[keep])
+    return sets
 
 
 def pick_device(name: str) -> torch.device:
@@ -588,10 +799,15 @@ def train(config: AttributesConfig) -> tuple[AttributeNet, dict[str, Any]]:
     with log_path.open("w") as log, tqdm(range(config.steps), desc="attributes") as bar:
         running = 0.0
         for step in bar:
-            raw, scenes = render_batch(dataset, step * config.batch_size, config.batch_size)
+            raw, _, labels, _ = render_batch(
+                dataset,
+                step * config.batch_size,
+                config.batch_size,
+                config.clutter_prob,
+                config.odd_prob,
+            )
             images = augment(_to_float(raw, device), augment_config, generator)
-            labels = labels_tensor(scenes, device)
-            loss = -per_head_log_prob(net(images), labels).sum(1).mean()
+            loss = training_loss(net(images), labels.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -611,18 +827,28 @@ def train(config: AttributesConfig) -> tuple[AttributeNet, dict[str, Any]]:
     train_seconds = time.time() - started
     net.eval()
     metrics: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "device": str(device)}
-    for name, (images, scenes) in evaluation_sets(config).items():
-        metrics[name] = accuracy(net, images, scenes)
+    for name, (images, scenes, labels) in evaluation_sets(config).items():
+        metrics[name] = {"count": len(scenes), **accuracy(net, images, scenes, labels)}
+    # on the negatives "exact" is the share judged correct for the caption: it must be ~0
+    for name in ("clutter", "odd"):
+        metrics[name]["judged_correct"] = metrics[name].pop("exact")
     return net, metrics
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
-    lines = ["| set | exact | " + " | ".join(HEAD_NAMES) + " |"]
-    lines.append("|---" * (len(HEAD_NAMES) + 2) + "|")
-    for name in ("clean", "augmented"):
+    """The held-out accuracies as a markdown table (exact scene, then every head).
+
+    For the negative sets (clutter, odd shapes) the first column is the share
+    judged *correct* for the caption, which should be ~0.
+    """
+    lines = ["| set | images | exact scene | " + " | ".join(HEAD_NAMES) + " |"]
+    lines.append("|---" * (len(HEAD_NAMES) + 3) + "|")
+    for name in ("clean", "augmented", "clutter", "odd"):
         row = metrics[name]
-        cells = [f"{row['exact']:.2%}"] + [f"{row[h]:.2%}" for h in HEAD_NAMES]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        exact = row["exact"] if "exact" in row else row["judged_correct"]
+        cells = [str(row["count"]), f"{exact:.2%}"] + [f"{row[h]:.2%}" for h in HEAD_NAMES]
+        label = name if "exact" in row else f"{name} (judged correct)"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -7,10 +7,14 @@ and a UNet2DConditionModel. The result loads with
 
 Phases (each resumes from its last checkpoint, so a run can span sessions):
   1. render the training set (deterministic from the seed)
-  2. train the autoencoder                     -> <out_dir>/vae
-  3. encode every image to latents once          -> <out_dir>/latents.safetensors
-  4. train text encoder + UNet (EMA kept)        -> <out_dir>/unet
-  5. export the pipeline (EMA weights)           -> <export_dir>
+  2. train the autoencoder                       -> <out_dir>/vae/final
+  3. fine-tune its decoder, encoder frozen         -> <out_dir>/vae/decoder
+  4. encode every image to latents once            -> <out_dir>/latents.safetensors
+  5. train text encoder + UNet (EMA kept)          -> <out_dir>/unet
+  6. export the pipeline (EMA weights)             -> <export_dir>
+
+Phase 3 leaves the encoder, and so the latents, unchanged: it may run beside
+phase 5 (``--stop-after decoder`` in a second process) and is picked up at export.
 """
 
 from __future__ import annotations
@@ -40,7 +44,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from hypersd.shapes import ShapesDataset, fixed_captions
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import config_to_dict, load_config
-from training.objectives.diffusion import autoencoder_losses, denoising_losses
+from training.objectives.diffusion import (
+    autoencoder_losses,
+    denoising_losses,
+    reconstruction_losses,
+)
 from training.tokenizer import write_tokenizer
 
 
@@ -61,6 +69,9 @@ class BaseConfig:
     vae_batch_size: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    # decoder fine-tune with the encoder frozen: sharper small shapes, same latents
+    decoder_steps: int = 3_000
+    decoder_lr: float = 3e-4
     # text encoder
     max_tokens: int = 24
     text_width: int = 128
@@ -253,6 +264,73 @@ def train_vae(
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     vae.save_pretrained(final, safe_serialization=True)
     return vae
+
+
+def finetune_decoder(
+    cfg: BaseConfig, vae: AutoencoderKL, images: torch.Tensor, device: torch.device, log: RunLog
+) -> AutoencoderKL:
+    """Phase 3: train only the decoder on latents drawn from the frozen encoder's posterior.
+
+    The autoencoder's reconstructions cap what the diffusion model can show (small
+    crosses blur into blobs first); the decoder alone trains cheaper and leaves the
+    latent space that the UNet learns untouched.
+    """
+    folder = Path(cfg.out_dir) / "vae" / "decoder"
+    if (folder / "final" / "config.json").exists():
+        return AutoencoderKL.from_pretrained(folder / "final", use_safetensors=True).to(device)
+    decoder_parameters = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    optimizer = torch.optim.AdamW(decoder_parameters, lr=cfg.decoder_lr, weight_decay=0.0)
+    step = 0
+    if (folder / "checkpoint" / "state.json").exists():
+        step = load_checkpoint(
+            folder / "checkpoint", modules={"vae": vae}, optimizers={"decoder": optimizer}
+        )["step"]
+    vae.requires_grad_(False)
+    for parameter in decoder_parameters:
+        parameter.requires_grad_(True)
+    generator = torch.Generator().manual_seed(cfg.seed + 1 + step)
+    total = cfg.decoder_steps
+    progress = tqdm(range(step, total), desc="decoder", initial=step, total=total)
+    for step in progress:
+        # 1. a batch of renders and latents sampled from the frozen encoder
+        index = torch.randint(0, len(images), (cfg.vae_batch_size,), generator=generator)
+        batch = to_model_range(images[index]).to(device)
+        with torch.no_grad():
+            latents = vae.encode(batch).latent_dist.sample()
+        # 2. reconstruction loss on the decoder only
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, total, cfg.decoder_lr, cfg.warmup_steps)
+        reconstruction = vae.decode(latents).sample
+        losses = reconstruction_losses(reconstruction, batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(decoder_parameters, 1.0)
+        optimizer.step()
+        # 3. log and checkpoint
+        if step % cfg.log_every == 0:
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            progress.set_postfix(l1=f"{values['l1']:.4f}")
+            log.write("decoder", step, values)
+        if (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(
+                folder / "checkpoint",
+                step=step + 1,
+                config=config_to_dict(cfg),
+                modules={"vae": vae},
+                optimizers={"decoder": optimizer},
+            )
+    vae.eval()
+    vae.save_pretrained(folder / "final", safe_serialization=True)
+    return vae
+
+
+def load_trained_vae(cfg: BaseConfig) -> AutoencoderKL:
+    """The autoencoder to export: with the fine-tuned decoder once phase 3 has finished."""
+    folder = Path(cfg.out_dir) / "vae"
+    final = folder / "decoder" / "final"
+    if not (final / "config.json").exists():
+        final = folder / "final"
+    return AutoencoderKL.from_pretrained(final, use_safetensors=True)
 
 
 def encode_latents(
@@ -452,7 +530,7 @@ def export(cfg: BaseConfig, pipeline: StableDiffusionPipeline) -> Path:
 
 def export_checkpoint(cfg: BaseConfig, tokenizer: CLIPTokenizer) -> Path:
     """Export the EMA weights of the latest phase-4 checkpoint, e.g. while training goes on."""
-    vae = AutoencoderKL.from_pretrained(Path(cfg.out_dir) / "vae" / "final", use_safetensors=True)
+    vae = load_trained_vae(cfg)
     state = DenoiserState.restore(cfg, tokenizer, torch.device("cpu"))
     if state.step == 0:
         raise ValueError(f"no UNet checkpoint under {cfg.out_dir}/unet/checkpoint")
@@ -480,6 +558,11 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="export the EMA weights of the last UNet checkpoint now (a run may still be going)",
     )
+    parser.add_argument(
+        "--stop-after",
+        choices=["decoder"],
+        help="stop after this phase (the decoder fine-tune may run beside the UNet phase)",
+    )
     args = parser.parse_args(argv)
     cfg = load_config(BaseConfig, args.config, args.overrides)
     if cfg.threads:
@@ -498,6 +581,9 @@ def main(argv: list[str]) -> int:
         return 0
     images, captions = render_training_set(cfg.seed, cfg.train_images)
     vae = train_vae(cfg, images, device, log)
+    vae = finetune_decoder(cfg, vae, images, device, log)
+    if args.stop_after == "decoder":
+        return 0
     latents = encode_latents(cfg, vae, images, device)
     pipeline = train_unet(cfg, vae, tokenizer, latents, captions, device, log)
     folder = export(cfg, pipeline)

@@ -33,6 +33,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,6 +63,15 @@ ATTRIBUTE_HEADS: dict[str, tuple[str, ...]] = {
     "color": ("a_color", "b_color"),
     "shape": ("a_shape", "b_shape"),
     "size": ("a_size", "b_size"),
+    "nothing_else": ("extra",),  # no stray object, no shape outside the vocabulary
+}
+ATTRIBUTE_LABELS = {
+    "background": "background right",
+    "place": "place right",
+    "color": "colours right",
+    "shape": "shapes right",
+    "size": "sizes right",
+    "nothing_else": "no stray or odd shapes",
 }
 ImageLike = Image.Image | np.ndarray
 GOOD, BAD = (40, 170, 60), (210, 40, 40)  # frame colours of the sample grid
@@ -137,10 +147,12 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
         raise ValueError("need at least two samples per set")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(a.shape[1]) * eps
-        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+    with warnings.catch_warnings():  # singular products are expected and handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov_a @ cov_b)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(a.shape[1]) * eps
+            covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
     covmean = np.real(covmean)
     diff = mu_a - mu_b
     value = diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean)
@@ -196,7 +208,7 @@ class EvalReport:
         lines.append(row("**prompt adherence**", self.adherence, percent))
         for attribute in ATTRIBUTE_HEADS:
             values = {g: acc[attribute] for g, acc in self.attributes.items()}
-            lines.append(row(f"{attribute} accuracy", values, percent))
+            lines.append(row(ATTRIBUTE_LABELS[attribute], values, percent))
         lines.append(row("**FID (Shapes)**", self.fid, lambda v: f"{v:.3f}"))
         return "\n".join(lines) + "\n"
 

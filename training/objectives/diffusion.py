@@ -17,10 +17,18 @@ def autoencoder_losses(
     """
     posterior = vae.encode(images).latent_dist
     reconstruction = vae.decode(posterior.sample()).sample
+    losses = reconstruction_losses(reconstruction, images)
+    kl = posterior.kl().mean() / images[0].numel()
+    return {**losses, "loss": losses["loss"] + kl_weight * kl, "kl": kl}
+
+
+def reconstruction_losses(
+    reconstruction: torch.Tensor, images: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """L1 + MSE between a decoded image and its target, both in [-1, 1]."""
     l1 = F.l1_loss(reconstruction, images)
     mse = F.mse_loss(reconstruction, images)
-    kl = posterior.kl().mean() / images[0].numel()
-    return {"loss": l1 + mse + kl_weight * kl, "l1": l1, "mse": mse, "kl": kl}
+    return {"loss": l1 + mse, "l1": l1, "mse": mse}
 
 
 def min_snr_weights(

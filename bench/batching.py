@@ -1,0 +1,73 @@
+"""Benchmark: images/s of one batched pipeline call against one call per image.
+
+    python bench/batching.py [--model NAME] [--steps 1,4,25] [--batch-sizes 1,4,8] [--repeats 5]
+
+Prints a markdown table: the median seconds per call, per image, images/s and the
+speed-up over batch size 1 measured in the same process. This is what the serving
+micro-batcher relies on: several compatible requests cost less as one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from hypersd.pipeline import ImageRequest, load
+from hypersd.registry import load_registry
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", help="registry name (default: the registry's default)")
+    parser.add_argument("--steps", type=_ints, default=[1, 4, 25])
+    parser.add_argument("--batch-sizes", type=_ints, default=[1, 4, 8])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args()
+
+    registry = load_registry()
+    spec = registry.get(args.model or registry.default)
+    generator = load(spec, device=args.device)
+    width, height = spec.default_size
+    device = generator.pipe.device
+    print(
+        f"model {spec.name}, {width}x{height}, device {device}, torch threads "
+        f"{torch.get_num_threads()}, {platform.processor() or platform.machine()}"
+    )
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}")
+    print()
+    print("| steps | batch | s/call (median) | s/image | images/s | vs batch 1 |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for steps in args.steps:
+        baseline: float | None = None
+        for batch_size in args.batch_sizes:
+            requests = [
+                ImageRequest("a large red circle in the center on a white background", i)
+                for i in range(batch_size)
+            ]
+            generator.generate(requests, steps=steps)  # warm this shape up
+            seconds = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                generator.generate(requests, steps=steps)
+                seconds.append(time.perf_counter() - start)
+            per_call = statistics.median(seconds)
+            throughput = batch_size / per_call
+            baseline = baseline or throughput
+            print(
+                f"| {steps} | {batch_size} | {per_call:.4f} | {per_call / batch_size:.4f} "
+                f"| {throughput:.1f} | {throughput / baseline:.2f}x |"
+            )
+
+
+if __name__ == "__main__":
+    main()
