@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 from transformers import CLIPTokenizer
 
 from hypersd.shapes import fixed_captions
@@ -143,3 +143,17 @@ def test_learning_rate_warms_up_then_decays() -> None:
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(rates[9:]))
     assert rates[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_only_decoder_runs_the_decoder_phase_alone(tmp_path: Path) -> None:
+    assert run_base(tmp_path, "unet_steps=2", "--only", "decoder") == 0
+    tuned_path = tmp_path / "run/vae/decoder/final/diffusion_pytorch_model.safetensors"
+    assert tuned_path.exists()
+    assert not (tmp_path / "run/unet").exists() and not (tmp_path / "export").exists()
+    tuned = tuned_path.read_bytes()
+    # The full run then exports that decoder instead of training it again.
+    assert run_base(tmp_path, "unet_steps=2") == 0
+    assert tuned_path.read_bytes() == tuned
+    exported = load_file(tmp_path / "export/vae/diffusion_pytorch_model.safetensors")
+    for key, tensor in load(tuned).items():
+        torch.testing.assert_close(exported[key], tensor)

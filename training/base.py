@@ -8,13 +8,14 @@ and a UNet2DConditionModel. The result loads with
 Phases (each resumes from its last checkpoint, so a run can span sessions):
   1. render the training set (deterministic from the seed)
   2. train the autoencoder                       -> <out_dir>/vae/final
-  3. fine-tune its decoder, encoder frozen         -> <out_dir>/vae/decoder
-  4. encode every image to latents once            -> <out_dir>/latents.safetensors
-  5. train text encoder + UNet (EMA kept)          -> <out_dir>/unet
+  3. encode every image to latents once            -> <out_dir>/latents.safetensors
+  4. train text encoder + UNet (EMA kept)          -> <out_dir>/unet
+  5. fine-tune the decoder, encoder frozen         -> <out_dir>/vae/decoder
   6. export the pipeline (EMA weights)             -> <export_dir>
 
-Phase 3 leaves the encoder, and so the latents, unchanged: it may run beside
-phase 5 (``--stop-after decoder`` in a second process) and is picked up at export.
+Phase 5 leaves the encoder, and so the latents, unchanged: on a machine with a
+core to spare, ``--only decoder`` runs it in a second process beside phase 4,
+and the main run then finds it done.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class BaseConfig:
     unet_channels: tuple[int, ...] = (64, 96, 128)
     unet_attention_levels: int = 2
     unet_layers_per_block: int = 1
-    unet_steps: int = 15_000
+    unet_steps: int = 12_000
     unet_batch_size: int = 64
     unet_lr: float = 5e-4
     warmup_steps: int = 300
@@ -269,7 +270,7 @@ def train_vae(
 def finetune_decoder(
     cfg: BaseConfig, vae: AutoencoderKL, images: torch.Tensor, device: torch.device, log: RunLog
 ) -> AutoencoderKL:
-    """Phase 3: train only the decoder on latents drawn from the frozen encoder's posterior.
+    """Phase 5: train only the decoder on latents drawn from the frozen encoder's posterior.
 
     The autoencoder's reconstructions cap what the diffusion model can show (small
     crosses blur into blobs first); the decoder alone trains cheaper and leaves the
@@ -325,7 +326,7 @@ def finetune_decoder(
 
 
 def load_trained_vae(cfg: BaseConfig) -> AutoencoderKL:
-    """The autoencoder to export: with the fine-tuned decoder once phase 3 has finished."""
+    """The autoencoder to export: with the fine-tuned decoder once phase 5 has finished."""
     folder = Path(cfg.out_dir) / "vae"
     final = folder / "decoder" / "final"
     if not (final / "config.json").exists():
@@ -521,7 +522,7 @@ class ema_weights:
 
 
 def export(cfg: BaseConfig, pipeline: StableDiffusionPipeline) -> Path:
-    """Phase 5: a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads as-is."""
+    """Phase 6: a diffusers folder that ``StableDiffusionPipeline.from_pretrained`` loads as-is."""
     folder = Path(cfg.export_dir)
     pipeline.save_pretrained(folder, safe_serialization=True)
     (folder / "training_config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
@@ -559,9 +560,9 @@ def main(argv: list[str]) -> int:
         help="export the EMA weights of the last UNet checkpoint now (a run may still be going)",
     )
     parser.add_argument(
-        "--stop-after",
+        "--only",
         choices=["decoder"],
-        help="stop after this phase (the decoder fine-tune may run beside the UNet phase)",
+        help="run only this phase (after the autoencoder), e.g. beside a run in the UNet phase",
     )
     args = parser.parse_args(argv)
     cfg = load_config(BaseConfig, args.config, args.overrides)
@@ -581,11 +582,13 @@ def main(argv: list[str]) -> int:
         return 0
     images, captions = render_training_set(cfg.seed, cfg.train_images)
     vae = train_vae(cfg, images, device, log)
-    vae = finetune_decoder(cfg, vae, images, device, log)
-    if args.stop_after == "decoder":
+    if args.only == "decoder":
+        finetune_decoder(cfg, vae, images, device, log)
         return 0
     latents = encode_latents(cfg, vae, images, device)
     pipeline = train_unet(cfg, vae, tokenizer, latents, captions, device, log)
+    vae = finetune_decoder(cfg, vae, images, device, log)
+    pipeline = build_pipeline(vae, pipeline.text_encoder, tokenizer, pipeline.unet)
     folder = export(cfg, pipeline)
     write_samples(cfg, pipeline.to("cpu"), folder / "samples.png")
     print(f"saved {folder}")
