@@ -29,11 +29,18 @@ def _quiet_libraries() -> None:
 
 
 def generate(args: argparse.Namespace) -> int:
+    registry = load_registry(args.registry)
+    spec = registry.get(args.model or registry.default)
+    # Check the request before the (slow) model load, so a typo fails at once.
+    spec.resolve_sampling(
+        args.steps, args.guidance_scale, args.eta, negative_prompt=bool(args.negative_prompt)
+    )
+    spec.resolve_size(args.width, args.height)
+    if args.n < 1:
+        raise ValueError(f"--n must be at least 1, got {args.n}")
     _quiet_libraries()
     from hypersd.pipeline import ImageRequest, load
 
-    registry = load_registry(args.registry)
-    spec = registry.get(args.model or registry.default)
     generator = load(spec, device=args.device, warmup=False)
     requests = [
         ImageRequest(prompt=args.prompt, seed=args.seed + i, negative_prompt=args.negative_prompt)

@@ -230,13 +230,13 @@ def test_cli_registry_model_through_the_pipeline_api(
 def test_random_pipeline_scores_low(tiny_models: TinyModels, tmp_path: Path) -> None:
     out = tmp_path / "random"
     argv = ["--pipeline-dir", str(tiny_models.sd15), "--steps", "2", "--guidance", "3"]
-    assert evaluate.main([*argv, "--captions", "24", "--out", str(out), "--quiet"]) == 0
+    assert evaluate.main([*argv, "--captions", "16", "--out", str(out), "--quiet"]) == 0
     data = _read_json(out)
     assert data["adherence"]["all"] <= 0.1
     assert data["meta"]["scheduler"] == "ddim-trailing"
     # its FID is far above that of renders at the same (small, so biased) sample size
     reference = tmp_path / "renders"
-    argv = ["--reference", "renders", "--captions", "24", "--out", str(reference), "--quiet"]
+    argv = ["--reference", "renders", "--captions", "16", "--out", str(reference), "--quiet"]
     assert evaluate.main(argv) == 0
     assert data["fid"]["all"] > 3 * _read_json(reference)["fid"]["all"]
 
@@ -253,7 +253,7 @@ def test_random_registry_model_scores_low(tiny_models: TinyModels, tmp_path: Pat
 
 def test_reconstructions_of_a_random_vae_score_low(tiny_models: TinyModels, tmp_path: Path) -> None:
     out = tmp_path / "recon"
-    argv = ["--reference", "reconstructions", "--vae", str(tiny_models.sd15), "--captions", "24"]
+    argv = ["--reference", "reconstructions", "--vae", str(tiny_models.sd15), "--captions", "16"]
     assert evaluate.main([*argv, "--out", str(out), "--quiet"]) == 0
     assert _read_json(out)["adherence"]["all"] <= 0.1
     assert evaluate.main(["--reference", "reconstructions", "--captions", "4"]) == 2  # needs --vae
