@@ -26,16 +26,17 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
+
+# Imported from their defining modules: diffusers' lazy top-level names are opaque to mypy.
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -102,6 +103,15 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
         return base * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def to_device(module: ModuleT, device: torch.device) -> ModuleT:
+    """``module.to(device)``, typed as the module: diffusers' decorated ``to`` confuses mypy."""
+    module.to(device)
+    return module
 
 
 def build_vae(cfg: BaseConfig) -> AutoencoderKL:
@@ -221,8 +231,8 @@ def train_vae(
     folder = Path(cfg.out_dir) / "vae"
     final = folder / "final"
     if (final / "config.json").exists():
-        return AutoencoderKL.from_pretrained(final, use_safetensors=True).to(device)
-    vae = build_vae(cfg).to(device)
+        return to_device(AutoencoderKL.from_pretrained(final, use_safetensors=True), device)
+    vae = to_device(build_vae(cfg), device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     step = 0
     if (folder / "checkpoint" / "state.json").exists():
@@ -278,8 +288,12 @@ def finetune_decoder(
     """
     folder = Path(cfg.out_dir) / "vae" / "decoder"
     if (folder / "final" / "config.json").exists():
-        return AutoencoderKL.from_pretrained(folder / "final", use_safetensors=True).to(device)
-    decoder_parameters = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+        return to_device(
+            AutoencoderKL.from_pretrained(folder / "final", use_safetensors=True), device
+        )
+    decoder_parameters = list(vae.decoder.parameters())
+    if vae.post_quant_conv is not None:
+        decoder_parameters += vae.post_quant_conv.parameters()
     optimizer = torch.optim.AdamW(decoder_parameters, lr=cfg.decoder_lr, weight_decay=0.0)
     step = 0
     if (folder / "checkpoint" / "state.json").exists():
@@ -359,16 +373,17 @@ def build_pipeline(
     tokenizer: CLIPTokenizer,
     unet: UNet2DConditionModel,
 ) -> StableDiffusionPipeline:
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=inference_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    # A dict, because diffusers annotates these arguments more narrowly than it accepts them.
+    components: dict[str, Any] = {
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "unet": unet,
+        "scheduler": inference_scheduler(),
+        "safety_checker": None,
+        "feature_extractor": None,
+    }
+    pipeline = StableDiffusionPipeline(**components, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -412,10 +427,8 @@ class DenoiserState:
         cls, cfg: BaseConfig, tokenizer: CLIPTokenizer, device: torch.device
     ) -> DenoiserState:
         """Fresh models, or the ones in <out_dir>/unet/checkpoint when it exists."""
-        unet, text_encoder = (
-            build_unet(cfg).to(device),
-            build_text_encoder(cfg, tokenizer).to(device),
-        )
+        unet = to_device(build_unet(cfg), device)
+        text_encoder = to_device(build_text_encoder(cfg, tokenizer), device)
         parameters = [*unet.parameters(), *text_encoder.parameters()]
         optimizer = torch.optim.AdamW(parameters, lr=cfg.unet_lr, weight_decay=0.01)
         ema = EMAModel(parameters, decay=cfg.ema_decay, use_ema_warmup=True, power=3 / 4)
@@ -455,7 +468,7 @@ def train_unet(
         tokenizer("", padding="max_length", max_length=cfg.max_tokens).input_ids
     )
     latent_mean, latent_std = latents
-    scale = vae.config.scaling_factor
+    scale = vae.config["scaling_factor"]
     scheduler = noise_scheduler()
     generator = torch.Generator(device).manual_seed(cfg.seed + step)
     cpu_generator = torch.Generator().manual_seed(cfg.seed + step)

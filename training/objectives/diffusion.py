@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
 
 def autoencoder_losses(
@@ -62,12 +64,12 @@ def denoising_losses(
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
     timesteps = torch.randint(
         0,
-        scheduler.config.num_train_timesteps,
+        scheduler.config["num_train_timesteps"],
         (latents.shape[0],),
         generator=generator,
         device=latents.device,
     )
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    noisy = scheduler.add_noise(latents, noise, timesteps)  # type: ignore[arg-type]  # any int tensor
     prediction = unet(noisy, timesteps, text_embeddings).sample
     per_sample = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
     plain = per_sample.mean()
