@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PROMPT ?= a large red circle in the center on a white background
 OUT ?= out/example.png
 
-.PHONY: run test lint install
+.PHONY: run test lint install eval-base
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,3 +30,15 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(VENV)/bin/pytest
+
+# The base model's measured table in the README (500 fixed captions each).
+EVAL := $(VENV)/bin/hypersd-train evaluate --model shapes-base --captions 500 --threads 1 --quiet
+eval-base: $(VENV)/.installed
+	$(VENV)/bin/hypersd-train evaluate --reference renders --out runs/eval/renders --quiet
+	$(VENV)/bin/hypersd-train evaluate --reference reconstructions --vae models/shapes-base \
+		--out runs/eval/reconstructions --quiet
+	for g in 3 5 7.5; do $(EVAL) --steps 25 --guidance $$g --out runs/eval/base-25-g$$g; done
+	for s in 1 2 4 8; do $(EVAL) --steps $$s --guidance 5 --out runs/eval/base-$$s-g5; done
+	$(VENV)/bin/hypersd-train eval-summary runs/eval/renders runs/eval/reconstructions \
+		runs/eval/base-25-g3 runs/eval/base-25-g5 runs/eval/base-25-g7.5 \
+		runs/eval/base-1-g5 runs/eval/base-2-g5 runs/eval/base-4-g5 runs/eval/base-8-g5

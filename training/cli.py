@@ -10,6 +10,7 @@ STAGES = {
     "base": "training.base",
     "attributes": "training.attributes",
     "evaluate": "training.evaluate",
+    "eval-summary": "training.eval_summary",
 }
 
 
