@@ -72,6 +72,34 @@ def models(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    """The HTTP gateway; without REDIS_URL, with the model served in-process (embedded mode)."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides = {"host": args.host, "port": args.port, "registry": args.registry}
+    settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    return 0
+
+
+def worker(args: argparse.Namespace) -> int:
+    """A Celery worker for one model's queue (needs REDIS_URL)."""
+    import logging
+
+    from service.settings import Settings
+    from worker.celery_app import run_worker
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    overrides = {"model": args.model, "registry": args.registry}
+    run_worker(Settings(**{key: value for key, value in overrides.items() if value is not None}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hypersd", description=__doc__)
     parser.add_argument("--registry", help="registry TOML (default: $HYPERSD_REGISTRY or shipped)")
@@ -94,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("models", help="list the registry's models")
     listing.set_defaults(handler=models)
+
+    server = commands.add_parser(
+        "serve", help="the HTTP API; embedded worker unless REDIS_URL is set"
+    )
+    server.add_argument("--host", help="default: $HYPERSD_HOST or 127.0.0.1")
+    server.add_argument("--port", type=int, help="default: $HYPERSD_PORT or 8000")
+    server.set_defaults(handler=serve)
+
+    work = commands.add_parser("worker", help="a Celery worker for one model (needs REDIS_URL)")
+    work.add_argument("--model", help="registry name (default: the registry's default model)")
+    work.set_defaults(handler=worker)
     return parser
 
 

@@ -26,3 +26,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     # The test machines share two cores with other work.
     torch.set_num_threads(2)
     return build_tiny_models(tmp_path_factory.mktemp("tiny-models"))
+
+
+# Redis, Celery worker and uvicorn fixtures of the serving tests (tests/serving_fixtures.py).
+pytest_plugins = ["serving_fixtures"]

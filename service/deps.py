@@ -1,0 +1,59 @@
+"""What routes depend on, as `Annotated` aliases: `store: StoreDep` and so on.
+
+The objects are built once, by the app's lifespan (`service.app`), and kept in `app.state`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from hypersd.registry import Registry
+from service.settings import Settings
+from worker.queue import JobQueue
+from worker.store import JobStore
+
+
+@dataclass
+class Services:
+    """The gateway's long-lived objects.
+
+    Args:
+        served: The models this deployment's workers can serve (embedded mode: one).
+    """
+
+    settings: Settings
+    registry: Registry
+    store: JobStore
+    queue: JobQueue
+    served: list[str]
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def get_settings(request: Request) -> Settings:
+    return get_services(request).settings
+
+
+def get_registry(request: Request) -> Registry:
+    return get_services(request).registry
+
+
+def get_store(request: Request) -> JobStore:
+    return get_services(request).store
+
+
+def get_queue(request: Request) -> JobQueue:
+    return get_services(request).queue
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
+QueueDep = Annotated[JobQueue, Depends(get_queue)]

@@ -1,0 +1,113 @@
+"""Job logic shared by the routes: submit (with idempotency), wait, and the public view."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+from datetime import UTC, datetime
+
+from hypersd.contracts import (
+    GenerateRequest,
+    Job,
+    JobImage,
+    JobRecord,
+    JobStatus,
+    resolve_request,
+    timestamp,
+)
+from hypersd.registry import Registry
+from service.errors import ApiError
+from service.metrics import JOBS_SUBMITTED
+from worker.queue import JobQueue
+from worker.store import IdempotencyConflict, JobStore
+
+# Poll often while a job may be a fast one (1-step jobs take tens of milliseconds), then slower
+# to spare Redis.
+_FAST_POLL_S = 0.005
+_SLOW_POLL_S = 0.025
+_FAST_FOR_S = 1.0
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def submit(
+    body: GenerateRequest,
+    *,
+    registry: Registry,
+    store: JobStore,
+    queue: JobQueue,
+    idempotency_key: str | None = None,
+) -> JobRecord:
+    """Validate, store and enqueue a job; a known idempotency key returns its job instead.
+
+    Raises:
+        RequestError: a value the model does not allow (422).
+        ApiError: 409 when the idempotency key was used with another body.
+    """
+    record = resolve_request(body, registry)
+    idempotency = None if idempotency_key is None else (idempotency_key, body.fingerprint())
+    try:
+        stored = store.create(record, idempotency)
+    except IdempotencyConflict:
+        raise ApiError(
+            409, "idempotency_conflict", "Idempotency-Key was already used with another body"
+        ) from None
+    if stored.id == record.id:
+        queue.submit(record)
+        JOBS_SUBMITTED.labels(record.model).inc()
+    return stored
+
+
+async def wait(store: JobStore, job_id: str, timeout_s: float) -> JobRecord | None:
+    """The job once it is finished, or as it is after `timeout_s`."""
+    start = time.monotonic()
+    while True:
+        record = store.get(job_id)
+        waited = time.monotonic() - start
+        if record is None or record.status.terminal or waited >= timeout_s:
+            return record
+        await asyncio.sleep(_FAST_POLL_S if waited < _FAST_FOR_S else _SLOW_POLL_S)
+
+
+def prefer_wait(prefer: str | None, cap_s: float) -> float | None:
+    """Seconds asked for by `Prefer: wait=N` (capped), or None without one."""
+    match = _PREFER_WAIT.search(prefer or "")
+    return None if match is None else min(float(match[1]), cap_s)
+
+
+def public_status(record: JobRecord, ttl_s: int) -> JobStatus:
+    """A succeeded job whose images are past their TTL reads as expired."""
+    expired = record.finished_at is not None and time.time() > record.finished_at + ttl_s
+    return JobStatus.EXPIRED if record.status == JobStatus.SUCCEEDED and expired else record.status
+
+
+def to_job(record: JobRecord, store: JobStore, base_url: str, ttl_s: int) -> Job:
+    """The client's view of a job; images as URLs or base64, per `response_format`."""
+    base = f"{base_url.rstrip('/')}/v1/generations/{record.id}"
+    status = public_status(record, ttl_s)
+    images = []
+    if status == JobStatus.SUCCEEDED:
+        for index, seed in enumerate(record.seeds):
+            image = JobImage(index=index, seed=seed, content_type=record.content_type)
+            if record.response_format == "url":
+                image.url = f"{base}/images/{index}"
+            else:
+                data = store.get_image(record.id, index) or b""
+                image.b64_json = base64.b64encode(data).decode()
+            images.append(image)
+    started, finished = record.started_at, record.finished_at
+    return Job(
+        id=record.id,
+        status=status,
+        model=record.model,
+        created_at=datetime.fromtimestamp(record.created_at, UTC),
+        started_at=timestamp(started),
+        finished_at=timestamp(finished),
+        queue_seconds=None if started is None else started - record.created_at,
+        run_seconds=None if started is None or finished is None else finished - started,
+        seeds=record.seeds,
+        images=images,
+        error=record.error,
+        links={"self": base, "cancel": f"{base}/cancel"},
+    )

@@ -1,0 +1,204 @@
+"""Fixtures for the serving tests: a real redis-server, Celery worker and uvicorn processes.
+
+Registered as a pytest plugin by `conftest.py`. Each process is started the way a user starts it
+(`hypersd serve`, `hypersd worker`), with one torch thread (the test machines share two cores),
+and is always stopped at the end of its fixture.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_REGISTRY = REPO / "models" / "registry.toml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (OSError, httpx.HTTPError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} not ready after {timeout_s:g} s")
+
+
+@dataclass
+class Process:
+    """A started subprocess and its log file."""
+
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout_s: float = 20) -> None:
+        """SIGTERM (graceful), then SIGKILL if it does not end in time."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+    def kill(self) -> None:
+        self.popen.kill()
+        self.popen.wait()
+
+
+def start_process(args: list[str], env: dict[str, str], log: Path) -> Process:
+    with log.open("wb") as out:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "hypersd.cli", *args],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return Process(popen, log)
+
+
+def serving_env(**settings: str | int | float) -> dict[str, str]:
+    """The environment of a test process: shipped registry, one thread, fast heartbeats."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HYPERSD_")}
+    env.pop("REDIS_URL", None)
+    env |= {
+        "OMP_NUM_THREADS": "1",
+        "HYPERSD_TORCH_THREADS": "1",
+        "HYPERSD_REGISTRY": str(SHIPPED_REGISTRY),
+        "HYPERSD_HEARTBEAT_INTERVAL_S": "0.5",
+    }
+    env |= {f"HYPERSD_{key.upper()}": str(value) for key, value in settings.items()}
+    return env
+
+
+@dataclass
+class Server:
+    """A running `hypersd serve`."""
+
+    url: str
+    process: Process
+
+
+def start_server(env: dict[str, str], log: Path, timeout_s: float = 90) -> Server:
+    port = free_port()
+    process = start_process(["serve", "--port", str(port)], env, log)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if process.popen.poll() is not None:
+            raise RuntimeError(f"server exited:\n{process.output()}")
+        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+
+    wait_until(up, timeout_s, "hypersd serve")
+    return Server(url, process)
+
+
+def wait_ready(server: Server, timeout_s: float = 90) -> None:
+    """Until `/readyz` says every model has a live worker."""
+    wait_until(
+        lambda: httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200,
+        timeout_s,
+        "a live worker",
+    )
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A redis-server of this test session, on a free port (noeviction, no persistence)."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).exists():
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    popen = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxmemory-policy",
+            "noeviction",
+            "--dir",
+            str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    redis = pytest.importorskip("redis")
+    client = redis.Redis(port=port)
+    wait_until(lambda: bool(client.ping()), 10, "redis-server")
+    client.close()
+    yield f"redis://127.0.0.1:{port}"
+    popen.terminate()
+    popen.wait(10)
+
+
+@dataclass
+class Stack:
+    """Gateway + one Celery worker on a Redis database of their own."""
+
+    server: Server
+    worker: Process
+    redis_url: str
+    worker_metrics_url: str
+    heartbeat_file: Path
+
+
+def start_worker(redis_url: str, log: Path, **settings: str | int | float) -> Process:
+    """`hypersd worker` for the default model; its metrics server is off unless asked for."""
+    env = serving_env(**{"redis_url": redis_url, "worker_metrics_port": 0, **settings})
+    return start_process(["worker"], env, log)
+
+
+@pytest.fixture(scope="session")
+def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`hypersd serve` (enqueue only) and `hypersd worker` (4 slots) on Redis database 0."""
+    logs = tmp_path_factory.mktemp("stack")
+    url = f"{redis_url}/0"
+    metrics_port = free_port()
+    worker = start_worker(
+        url,
+        logs / "worker.log",
+        slots=4,
+        max_batch_size=8,
+        max_wait_ms=50,
+        worker_metrics_port=metrics_port,
+        heartbeat_file=logs / "heartbeat.json",
+    )
+    server = start_server(serving_env(redis_url=url), logs / "gateway.log")
+    try:
+        wait_ready(server)
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        yield Stack(server, worker, url, metrics_url, logs / "heartbeat.json")
+    finally:
+        worker.stop()
+        server.process.stop()

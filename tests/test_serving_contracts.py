@@ -1,0 +1,171 @@
+"""The wire models and the micro-batcher, without servers (torch-free and fast)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from hypersd.contracts import GenerateRequest, JobStatus, RequestError, resolve_request
+from hypersd.registry import Registry, load_registry
+from worker.batcher import BatchKey, MicroBatcher
+from worker.heartbeat import requeue
+from worker.runner import finish, start
+
+PROMPT = "a large red circle in the center on a white background"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Registry:
+    """The shipped base model plus a 1-step TCD entry (eta, no negative prompts)."""
+    folder = tmp_path_factory.mktemp("registry")
+    base = Path(__file__).resolve().parent.parent / "models" / "shapes-base"
+    (folder / "registry.toml").write_text(
+        f"""
+default = "base"
+[models.base]
+family = "sd15"
+path = "{base}"
+recipe = "teacher"
+steps = "1..50"
+default_steps = 25
+sizes = ["64x64"]
+[models.one-step]
+extends = "base"
+recipe = "unified-1step-lora"
+"""
+    )
+    return load_registry(folder / "registry.toml")
+
+
+def test_defaults_come_from_the_registry(registry: Registry) -> None:
+    record = resolve_request(GenerateRequest(prompt=PROMPT, n=3, seed=7), registry)
+    assert (record.model, record.steps, record.width, record.height) == ("base", 25, 64, 64)
+    assert record.guidance_scale == 5.0 and record.eta is None
+    assert record.seeds == [7, 8, 9] and record.status == JobStatus.QUEUED
+    one_step = resolve_request(GenerateRequest(prompt=PROMPT, model="one-step"), registry)
+    assert (one_step.steps, one_step.guidance_scale, one_step.eta) == (1, 0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "allowed"),
+    [
+        ({"model": "nope"}, "model", ["base", "one-step"]),
+        ({"model": "../etc"}, "model", ["base", "one-step"]),
+        ({"steps": 51}, "steps", ["1-50"]),
+        ({"width": 128}, "width", ["64x64"]),
+        ({"height": 72}, "height", ["64x64"]),
+        ({"guidance_scale": 20}, "guidance_scale", ["1 to 15"]),
+        ({"eta": 0.5}, "eta", None),
+        ({"model": "one-step", "steps": 9}, "steps", ["1-8"]),
+        ({"model": "one-step", "negative_prompt": "blurry"}, "negative_prompt", None),
+    ],
+)
+def test_values_the_model_refuses_name_the_field(
+    registry: Registry, body: dict[str, object], field: str, allowed: list[str] | None
+) -> None:
+    with pytest.raises(RequestError) as caught:
+        resolve_request(GenerateRequest.model_validate({"prompt": PROMPT, **body}), registry)
+    assert caught.value.detail.field == field
+    assert caught.value.detail.allowed == allowed
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": ""},
+        {"prompt": "x" * 1001},
+        {"prompt": PROMPT, "n": 9},
+        {"prompt": PROMPT, "seed": -1},
+        {"prompt": PROMPT, "output_format": "gif"},
+        {"prompt": PROMPT, "colour": "red"},
+    ],
+)
+def test_bounds_are_checked_before_the_registry(body: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        GenerateRequest.model_validate(body)
+
+
+def test_fingerprint_depends_on_the_body_only() -> None:
+    first = GenerateRequest(prompt=PROMPT, steps=2)
+    assert first.fingerprint() == GenerateRequest(prompt=PROMPT, steps=2).fingerprint()
+    assert first.fingerprint() != GenerateRequest(prompt=PROMPT, steps=3).fingerprint()
+
+
+def test_only_a_queued_job_starts_and_a_canceled_one_keeps_its_status(registry: Registry) -> None:
+    record = resolve_request(GenerateRequest(prompt=PROMPT), registry)
+    running = start("w1")(record)
+    assert running is not None and running.status == JobStatus.RUNNING
+    assert start("w2")(running) is None  # a second delivery never runs it again
+    canceled = running.model_copy(update={"status": JobStatus.CANCELED})
+    assert finish("w1", JobStatus.SUCCEEDED)(canceled) is None  # the result is discarded
+    requeued = requeue("w1")(running)
+    assert requeued is not None and requeued.status == JobStatus.QUEUED
+    assert requeue("w2")(running) is None  # only the dead worker's jobs
+
+
+KEY = BatchKey("m", 1, 64, 64, 5.0, None)
+
+
+def test_batcher_groups_compatible_jobs_and_splits_results() -> None:
+    calls: list[tuple[BatchKey, list[int]]] = []
+    release = threading.Event()
+
+    def run(key: BatchKey, requests: list[int]) -> list[int]:
+        release.wait(5)
+        calls.append((key, requests))
+        return [request * 10 for request in requests]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(run, max_batch_size=4, max_wait_ms=20)
+    try:
+        blocker = batcher.submit(KEY, [0])  # occupies the batcher while the rest queue up
+        time.sleep(0.05)
+        other = BatchKey("m", 2, 64, 64, 5.0, None)
+        futures = [
+            batcher.submit(KEY, [1, 2]),
+            batcher.submit(other, [3]),
+            batcher.submit(KEY, [4]),
+            batcher.submit(KEY, [5, 6]),  # would make 5: next batch
+        ]
+        release.set()
+        assert blocker.result(5) == [0]
+        assert [future.result(5) for future in futures] == [[10, 20], [30], [40], [50, 60]]
+    finally:
+        batcher.stop()
+    assert [(key.steps, requests) for key, requests in calls] == [
+        (1, [0]),
+        (1, [1, 2, 4]),
+        (2, [3]),
+        (1, [5, 6]),
+    ]
+
+
+def test_batcher_reports_a_failed_call_to_every_job_of_the_batch() -> None:
+    def run(key: BatchKey, requests: list[int]) -> list[int]:
+        raise RuntimeError("out of memory")
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(run, max_batch_size=4, max_wait_ms=50)
+    try:
+        futures = [batcher.submit(KEY, [1]), batcher.submit(KEY, [2])]
+        for future in futures:
+            with pytest.raises(RuntimeError, match="out of memory"):
+                future.result(5)
+    finally:
+        batcher.stop()
+
+
+def test_the_gateway_imports_neither_torch_nor_diffusers() -> None:
+    """The gateway image carries no torch: only embedded mode and workers load it, lazily."""
+    code = (
+        "import sys, service.app, worker.celery_app, hypersd.cli; "
+        "print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"

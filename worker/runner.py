@@ -1,0 +1,248 @@
+"""Runs jobs: the code behind the Celery task and behind embedded mode's in-process queue.
+
+`JobRunner.run_job(job_id)` is what a task slot calls. It claims the job (queued -> running, so a
+canceled job or a second delivery of the same message never runs), hands its images to the
+micro-batcher, encodes them, stores them with the job TTL and marks the job finished -- unless it
+was canceled meanwhile, in which case the result is discarded.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hypersd.contracts import ErrorDetail, JobRecord, JobStatus
+from hypersd.registry import ModelSpec
+from worker import metrics
+from worker.batcher import BatchKey, MicroBatcher
+from worker.store import Change, JobStore, WorkerInfo
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+    from hypersd.pipeline import Generator, ImageRequest
+
+log = logging.getLogger(__name__)
+
+_PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+_PHASES = ("text_encoding", "denoising", "vae_decode")
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One image of a batch, with the batch's phase timings."""
+
+    image: PIL.Image.Image
+    timings: dict[str, float]
+
+
+def start(worker_id: str) -> Change:
+    """queued -> running on `worker_id`; anything else stays (canceled jobs never run)."""
+
+    def change(record: JobRecord) -> JobRecord | None:
+        if record.status != JobStatus.QUEUED:
+            return None
+        return record.model_copy(
+            update={
+                "status": JobStatus.RUNNING,
+                "started_at": time.time(),
+                "worker": worker_id,
+                "attempts": record.attempts + 1,
+            }
+        )
+
+    return change
+
+
+def finish(
+    worker_id: str,
+    status: JobStatus,
+    *,
+    error: ErrorDetail | None = None,
+    timings: dict[str, float] | None = None,
+) -> Change:
+    """running on `worker_id` -> `status`; a job canceled (or re-queued) meanwhile stays."""
+
+    def change(record: JobRecord) -> JobRecord | None:
+        if record.status != JobStatus.RUNNING or record.worker != worker_id:
+            return None
+        return record.model_copy(
+            update={
+                "status": status,
+                "finished_at": time.time(),
+                "error": error,
+                "timings": timings or {},
+            }
+        )
+
+    return change
+
+
+def encode(image: PIL.Image.Image, output_format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=_PIL_FORMATS[output_format])
+    return buffer.getvalue()
+
+
+class JobRunner:
+    """A loaded model, its micro-batcher and the job store: everything a task slot needs.
+
+    Args:
+        generator: The loaded, warmed-up pipeline (used by the batcher thread only).
+        store: Where jobs and images live.
+        worker_id: This worker's id in heartbeats and in the jobs it runs.
+        slots: Task slots feeding the batcher (reported as capacity).
+        max_batch_size: Most images per pipeline call.
+        max_wait_ms: How long a batch's first job waits for company.
+        job_timeout_s: A job still waiting for its batch after this long fails.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        store: JobStore,
+        *,
+        worker_id: str,
+        slots: int,
+        max_batch_size: int,
+        max_wait_ms: float,
+        job_timeout_s: float,
+    ) -> None:
+        self.generator = generator
+        self.spec: ModelSpec = generator.spec
+        self.store = store
+        self.worker_id = worker_id
+        self.slots = slots
+        self.job_timeout_s = job_timeout_s
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self.batcher: MicroBatcher[ImageRequest, Generated] = MicroBatcher(
+            self._run_batch,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            on_batch=lambda key, size: metrics.BATCH_SIZE.labels(key.model).observe(size),
+        )
+
+    def _run_batch(self, key: BatchKey, requests: list[ImageRequest]) -> list[Generated]:
+        result = self.generator.generate(
+            requests,
+            steps=key.steps,
+            width=key.width,
+            height=key.height,
+            guidance_scale=key.guidance_scale,
+            eta=key.eta,
+        )
+        return [Generated(image, result.timings) for image in result.images]
+
+    def info(self) -> WorkerInfo:
+        """This worker's heartbeat."""
+        return WorkerInfo(
+            id=self.worker_id,
+            model=self.spec.name,
+            backend=self.spec.backend,
+            capacity=self.slots,
+            busy=self._busy,
+            last_beat=time.time(),
+        )
+
+    def _set_busy(self, delta: int) -> None:
+        with self._busy_lock:
+            self._busy += delta
+            metrics.BUSY_SLOTS.labels(self.spec.name).set(self._busy)
+
+    def run_job(self, job_id: str) -> None:
+        """Run one job to its end; never raises (failures are stored on the job)."""
+        from hypersd.pipeline import ImageRequest
+
+        record = self.store.update(job_id, start(self.worker_id))
+        if record is None:
+            log.info("job %s is not queued (canceled, done or expired): skipped", job_id)
+            return
+        if record.model != self.spec.name:
+            error = ErrorDetail(type="wrong_worker", message=f"worker holds {self.spec.name!r}")
+            self.store.update(job_id, finish(self.worker_id, JobStatus.FAILED, error=error))
+            return
+        assert record.started_at is not None
+        metrics.QUEUE_WAIT.labels(record.model).observe(record.started_at - record.created_at)
+        self._set_busy(+1)
+        try:
+            key = BatchKey(
+                record.model,
+                record.steps,
+                record.width,
+                record.height,
+                record.guidance_scale,
+                record.eta,
+            )
+            requests = [
+                ImageRequest(record.prompt, seed, record.negative_prompt) for seed in record.seeds
+            ]
+            outputs = self.batcher.submit(key, requests).result(timeout=self.job_timeout_s)
+            encode_start = time.perf_counter()
+            images = [encode(output.image, record.output_format) for output in outputs]
+            timings = {phase: outputs[0].timings[phase] for phase in _PHASES}
+            timings["image_encoding"] = time.perf_counter() - encode_start
+            timings["total"] = time.time() - record.started_at
+            self.store.put_images(job_id, images)
+            done = self.store.update(
+                job_id, finish(self.worker_id, JobStatus.SUCCEEDED, timings=timings)
+            )
+            if done is not None:
+                steps = str(record.steps)
+                for phase, seconds in timings.items():
+                    metrics.RUN_TIME.labels(record.model, steps, phase).observe(seconds)
+        except FutureTimeout:
+            message = f"the job did not finish within {self.job_timeout_s:g} s"
+            error = ErrorDetail(type="timeout", message=message)
+            self.store.update(job_id, finish(self.worker_id, JobStatus.FAILED, error=error))
+        except Exception as exc:  # a failed job is reported on the job, not lost in a log
+            log.exception("job %s failed", job_id)
+            error = ErrorDetail(type="generation_failed", message=str(exc))
+            self.store.update(job_id, finish(self.worker_id, JobStatus.FAILED, error=error))
+        finally:
+            self._set_busy(-1)
+
+    def close(self) -> None:
+        """Finish the batches already submitted, then stop the batcher."""
+        self.batcher.stop()
+
+
+def load_runner(
+    spec: ModelSpec,
+    store: JobStore,
+    *,
+    worker_id: str,
+    slots: int,
+    max_batch_size: int,
+    max_wait_ms: float,
+    job_timeout_s: float,
+    device: str | None = None,
+    torch_threads: int | None = None,
+) -> JobRunner:
+    """Load and warm up `spec` in this process (never before a fork) and wrap it in a runner."""
+    import torch
+
+    from hypersd.pipeline import load
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    started = time.perf_counter()
+    generator = load(spec, device=device, warmup=True)
+    seconds = time.perf_counter() - started
+    metrics.MODEL_LOAD.labels(spec.name).set(seconds)
+    log.info("model %s loaded and warmed up in %.1f s (pid %d)", spec.name, seconds, os.getpid())
+    return JobRunner(
+        generator,
+        store,
+        worker_id=worker_id,
+        slots=slots,
+        max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms,
+        job_timeout_s=job_timeout_s,
+    )

@@ -1,0 +1,292 @@
+"""Job state, images and worker heartbeats: in Redis, or in memory for embedded mode.
+
+Both the gateway and the workers read and write jobs here, so the gateway answers status requests
+without asking a worker. Every state change is an atomic read-modify-write (`update`), so a cancel,
+a finishing worker and a reaper can race without losing or resurrecting a job. Keys expire after
+the job TTL. The module imports no torch: the gateway uses it too.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import redis
+from pydantic import BaseModel
+
+from hypersd.contracts import JobRecord, JobStatus
+
+Change = Callable[[JobRecord], JobRecord | None]
+
+_PREFIX = "hypersd"
+
+
+def _text(value: bytes | str) -> str:
+    """The client returns bytes (no `decode_responses`: images are bytes)."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class IdempotencyConflict(Exception):
+    """An `Idempotency-Key` was reused with another request body."""
+
+
+class WorkerInfo(BaseModel):
+    """One worker's heartbeat."""
+
+    id: str
+    model: str
+    backend: str
+    capacity: int
+    busy: int
+    last_beat: float
+
+
+class JobStore(Protocol):
+    """Where jobs, their images and worker heartbeats live."""
+
+    def create(self, record: JobRecord, idempotency: tuple[str, str] | None = None) -> JobRecord:
+        """Store a new job, or return the job already made under the same idempotency key.
+
+        Args:
+            idempotency: (key, request fingerprint).
+
+        Raises:
+            IdempotencyConflict: the key is known with another fingerprint.
+        """
+        ...
+
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    def update(self, job_id: str, change: Change) -> JobRecord | None:
+        """Apply `change` atomically; it returns the new record, or None to leave it as is.
+
+        Returns the new record when it changed, else None.
+        """
+        ...
+
+    def put_images(self, job_id: str, images: list[bytes]) -> None: ...
+
+    def get_image(self, job_id: str, index: int) -> bytes | None: ...
+
+    def running_jobs(self) -> list[str]:
+        """Ids of jobs that a worker has started (for the reaper)."""
+        ...
+
+    def finished_counts(self) -> dict[tuple[str, str], int]:
+        """Finished jobs by (model, status), for the gateway's metrics."""
+        ...
+
+    def beat(self, info: WorkerInfo, ttl: float) -> None:
+        """Record a worker's heartbeat; it counts as alive for `ttl` seconds."""
+        ...
+
+    def forget_worker(self, worker_id: str) -> None: ...
+
+    def workers(self) -> list[WorkerInfo]: ...
+
+    def worker_alive(self, worker_id: str) -> bool: ...
+
+    def ping(self) -> bool: ...
+
+
+class RedisJobStore:
+    """Jobs as JSON strings (`hypersd:job:<id>`), images as bytes, both with the job TTL."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+
+    @staticmethod
+    def _job_key(job_id: str) -> str:
+        return f"{_PREFIX}:job:{job_id}"
+
+    def create(self, record: JobRecord, idempotency: tuple[str, str] | None = None) -> JobRecord:
+        # The job outlives its images (kept for the TTL after they are made), so a client reads
+        # "expired" rather than a 404. It is stored before the idempotency key is claimed, so a
+        # key always points at a stored job.
+        job_key = self._job_key(record.id)
+        self.redis.set(job_key, record.model_dump_json(), ex=2 * self.ttl_s)
+        if idempotency is None:
+            return record
+        key, fingerprint = idempotency
+        idem_key = f"{_PREFIX}:idem:{key}"
+        if self.redis.set(idem_key, f"{fingerprint}:{record.id}", nx=True, ex=self.ttl_s):
+            return record
+        self.redis.delete(job_key)
+        known_fingerprint, _, job_id = _text(self.redis.get(idem_key) or b"").partition(":")
+        known = self.get(job_id)
+        if known_fingerprint != fingerprint or known is None:
+            raise IdempotencyConflict(key)
+        return known
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.redis.get(self._job_key(job_id))
+        return None if raw is None else JobRecord.model_validate_json(raw)
+
+    def update(self, job_id: str, change: Change) -> JobRecord | None:
+        key = self._job_key(job_id)
+        result: list[JobRecord] = []
+
+        def transaction(pipe: redis.client.Pipeline) -> None:
+            result.clear()
+            raw = pipe.get(key)
+            if raw is None:
+                return
+            new = change(JobRecord.model_validate_json(raw))
+            if new is None:
+                return
+            pipe.multi()
+            pipe.set(key, new.model_dump_json(), keepttl=True)
+            if new.status == JobStatus.RUNNING:
+                pipe.sadd(f"{_PREFIX}:running", job_id)
+            else:
+                pipe.srem(f"{_PREFIX}:running", job_id)
+            if new.status.terminal:
+                pipe.hincrby(f"{_PREFIX}:finished", f"{new.model}\t{new.status}", 1)
+            result.append(new)
+
+        self.redis.transaction(transaction, key)
+        return result[0] if result else None
+
+    def put_images(self, job_id: str, images: list[bytes]) -> None:
+        with self.redis.pipeline() as pipe:
+            for index, data in enumerate(images):
+                pipe.set(f"{_PREFIX}:image:{job_id}:{index}", data, ex=self.ttl_s)
+            pipe.execute()
+
+    def get_image(self, job_id: str, index: int) -> bytes | None:
+        data = self.redis.get(f"{_PREFIX}:image:{job_id}:{index}")
+        return data if isinstance(data, bytes) else None
+
+    def running_jobs(self) -> list[str]:
+        return sorted(_text(member) for member in self.redis.smembers(f"{_PREFIX}:running"))
+
+    def finished_counts(self) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for field, value in self.redis.hgetall(f"{_PREFIX}:finished").items():
+            model, _, status = _text(field).partition("\t")
+            counts[(model, status)] = int(value)
+        return counts
+
+    def beat(self, info: WorkerInfo, ttl: float) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.set(f"{_PREFIX}:worker:{info.id}", info.model_dump_json(), px=int(ttl * 1000))
+            pipe.sadd(f"{_PREFIX}:workers", info.id)
+            pipe.execute()
+
+    def forget_worker(self, worker_id: str) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.delete(f"{_PREFIX}:worker:{worker_id}")
+            pipe.srem(f"{_PREFIX}:workers", worker_id)
+            pipe.execute()
+
+    def workers(self) -> list[WorkerInfo]:
+        alive = []
+        for member in self.redis.smembers(f"{_PREFIX}:workers"):
+            raw = self.redis.get(f"{_PREFIX}:worker:{_text(member)}")
+            if raw is None:
+                # Expired beat: keep the set small, the reaper asks worker_alive, not this set.
+                self.redis.srem(f"{_PREFIX}:workers", member)
+            else:
+                alive.append(WorkerInfo.model_validate_json(raw))
+        return alive
+
+    def worker_alive(self, worker_id: str) -> bool:
+        return bool(self.redis.exists(f"{_PREFIX}:worker:{worker_id}"))
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.redis.ping())
+        except redis.RedisError:
+            return False
+
+
+class MemoryJobStore:
+    """Embedded mode: jobs in a dict (one process), images in a local folder."""
+
+    def __init__(self, images_dir: Path, ttl_s: int) -> None:
+        self.images_dir = images_dir
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._jobs: dict[str, JobRecord] = {}
+        self._idempotency: dict[str, tuple[str, str]] = {}
+        self._finished: Counter[tuple[str, str]] = Counter()
+        self._workers: dict[str, tuple[WorkerInfo, float]] = {}
+
+    def _expire(self) -> None:
+        """Drop jobs older than twice the TTL, as Redis does (called under the lock)."""
+        cutoff = time.time() - 2 * self.ttl_s
+        for job_id in [j for j, record in self._jobs.items() if record.created_at < cutoff]:
+            del self._jobs[job_id]
+            for path in self.images_dir.glob(f"{job_id}-*"):
+                path.unlink(missing_ok=True)
+
+    def create(self, record: JobRecord, idempotency: tuple[str, str] | None = None) -> JobRecord:
+        with self._lock:
+            self._expire()
+            if idempotency is not None:
+                key, fingerprint = idempotency
+                known = self._idempotency.get(key)
+                if known is not None and known[1] in self._jobs:
+                    if known[0] != fingerprint:
+                        raise IdempotencyConflict(key)
+                    return self._jobs[known[1]]
+                self._idempotency[key] = (fingerprint, record.id)
+            self._jobs[record.id] = record
+            return record
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def update(self, job_id: str, change: Change) -> JobRecord | None:
+        with self._lock:
+            record = self._jobs.get(job_id)
+            new = None if record is None else change(record)
+            if new is not None:
+                self._jobs[job_id] = new
+                if new.status.terminal:
+                    self._finished[(new.model, new.status.value)] += 1
+            return new
+
+    def put_images(self, job_id: str, images: list[bytes]) -> None:
+        for index, data in enumerate(images):
+            (self.images_dir / f"{job_id}-{index}").write_bytes(data)
+
+    def get_image(self, job_id: str, index: int) -> bytes | None:
+        if self.get(job_id) is None:
+            return None
+        path = self.images_dir / f"{job_id}-{index}"
+        return path.read_bytes() if path.is_file() else None
+
+    def running_jobs(self) -> list[str]:
+        with self._lock:
+            return [j for j, record in self._jobs.items() if record.status == JobStatus.RUNNING]
+
+    def finished_counts(self) -> dict[tuple[str, str], int]:
+        with self._lock:
+            return dict(self._finished)
+
+    def beat(self, info: WorkerInfo, ttl: float) -> None:
+        with self._lock:
+            self._workers[info.id] = (info, time.time() + ttl)
+
+    def forget_worker(self, worker_id: str) -> None:
+        with self._lock:
+            self._workers.pop(worker_id, None)
+
+    def workers(self) -> list[WorkerInfo]:
+        now = time.time()
+        with self._lock:
+            return [info for info, until in self._workers.values() if until > now]
+
+    def worker_alive(self, worker_id: str) -> bool:
+        return any(info.id == worker_id for info in self.workers())
+
+    def ping(self) -> bool:
+        return True
