@@ -11,6 +11,8 @@ STAGES = {
     "attributes": "training.attributes",
     "evaluate": "training.evaluate",
     "eval-summary": "training.eval_summary",
+    "tscd": "training.distill",
+    "lcm": "training.lcm_baseline",
 }
 
 
