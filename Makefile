@@ -1,12 +1,12 @@
 # Two commands do all the set-up on a fresh machine (see README.md):
-#   make run    generate an image with the embedded default model
+#   make run    serve the embedded default model on http://127.0.0.1:8000 (gateway + in-process worker)
 #   make test   lint, type-check and run the test suite
 # Both create .venv on first use and reuse it afterwards.
 
 VENV := .venv
 PY := $(VENV)/bin/python
-PROMPT ?= a large red circle in the center on a white background
-OUT ?= out/example.png
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
 .PHONY: run test lint install eval-base
 
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(VENV)/bin/hypersd generate --prompt "$(PROMPT)" --out "$(OUT)"
+	$(VENV)/bin/hypersd serve --host $(HOST) --port $(PORT)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
