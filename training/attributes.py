@@ -66,6 +66,7 @@ from hypersd.shapes.spec import (
     SUPERSAMPLE,
 )
 from training.config import config_to_dict, load_config
+from training.devices import resolve_device
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "shapes-attributes"
@@ -767,17 +768,11 @@ def evaluation_sets(config: AttributesConfig) -> dict[str, tuple[Tensor, list[Sc
     return sets
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def train(config: AttributesConfig) -> tuple[AttributeNet, dict[str, Any]]:
     """Train on fresh renders, evaluate on held-out ones; return the net and its metrics."""
     from tqdm import tqdm
 
-    device = pick_device(config.device)
+    device = resolve_device(config.device)
     if device.type == "cpu":
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)

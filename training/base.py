@@ -24,9 +24,10 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from hypersd.shapes import ShapesDataset, fixed_captions
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import config_to_dict, load_config
+from training.devices import resolve_device, to_device
 from training.objectives.diffusion import (
     autoencoder_losses,
     denoising_losses,
@@ -103,15 +105,6 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
         return base * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
-
-
-def to_device(module: ModuleT, device: torch.device) -> ModuleT:
-    """``module.to(device)``, typed as the module: diffusers' decorated ``to`` confuses mypy."""
-    module.to(device)
-    return module
 
 
 def build_vae(cfg: BaseConfig) -> AutoencoderKL:
@@ -211,13 +204,40 @@ def save_grid(images: list[Image.Image], path: Path, columns: int = 8) -> None:
     grid.save(path)
 
 
+def apply_update(
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    parameters: Iterable[torch.nn.Parameter],
+    max_grad_norm: float = 1.0,
+) -> None:
+    """One optimisation step: backward, clip the gradient norm, step."""
+    parameters = list(parameters)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+
+
 class RunLog:
     """Appends one JSON line per logged step, so a resumed run keeps one history."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def write(self, phase: str, step: int, values: dict[str, float]) -> None:
+    def write(
+        self,
+        phase: str,
+        step: int,
+        losses: Mapping[str, torch.Tensor | float],
+        progress: tqdm | None = None,
+        shown: str = "loss",
+    ) -> None:
+        """Log the loss terms of ``step``; show ``losses[shown]`` on the progress bar."""
+        values = {
+            k: float(v.detach() if isinstance(v, torch.Tensor) else v) for k, v in losses.items()
+        }
+        if progress is not None:
+            progress.set_postfix({shown: f"{values[shown]:.4f}"})
         with self.path.open("a") as f:
             f.write(
                 json.dumps({"phase": phase, "step": step, "time": time.time(), **values}) + "\n"
@@ -250,15 +270,10 @@ def train_vae(
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup_steps)
         losses = autoencoder_losses(vae, batch, cfg.vae_kl_weight)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
+        apply_update(optimizer, losses["loss"], vae.parameters())
         # 3. log and checkpoint
         if step % cfg.log_every == 0:
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            progress.set_postfix(l1=f"{values['l1']:.4f}")
-            log.write("vae", step, values)
+            log.write("vae", step, losses, progress, shown="l1")
         if (step + 1) % cfg.checkpoint_every == 0:
             save_checkpoint(
                 folder / "checkpoint",
@@ -317,15 +332,10 @@ def finetune_decoder(
             group["lr"] = lr_at(step, total, cfg.decoder_lr, cfg.warmup_steps)
         reconstruction = vae.decode(latents).sample
         losses = reconstruction_losses(reconstruction, batch)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(decoder_parameters, 1.0)
-        optimizer.step()
+        apply_update(optimizer, losses["loss"], decoder_parameters)
         # 3. log and checkpoint
         if step % cfg.log_every == 0:
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            progress.set_postfix(l1=f"{values['l1']:.4f}")
-            log.write("decoder", step, values)
+            log.write("decoder", step, losses, progress, shown="l1")
         if (step + 1) % cfg.checkpoint_every == 0:
             save_checkpoint(
                 folder / "checkpoint",
@@ -493,16 +503,11 @@ def train_unet(
         losses = denoising_losses(
             unet, scheduler, batch, text, min_snr_gamma=cfg.min_snr_gamma, generator=generator
         )
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
+        apply_update(optimizer, losses["loss"], parameters)
         ema.step(parameters)
         # 3. log, checkpoint, sample
         if step % cfg.log_every == 0:
-            values = {k: float(v.detach()) for k, v in losses.items()}
-            progress.set_postfix(loss=f"{values['loss']:.4f}")
-            log.write("unet", step, values)
+            log.write("unet", step, losses, progress, shown="loss")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.unet_steps:
             save_checkpoint(
                 folder / "checkpoint",
@@ -553,14 +558,6 @@ def export_checkpoint(cfg: BaseConfig, tokenizer: CLIPTokenizer) -> Path:
     folder = export(cfg, pipeline)
     write_samples(cfg, pipeline, folder / "samples.png")
     return folder
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"device must be one of ['auto', 'cpu', 'cuda'], got {name!r}")
-    return torch.device(name)
 
 
 def main(argv: list[str]) -> int:

@@ -56,9 +56,10 @@ from tqdm import tqdm
 from hypersd.lora import SDPipeline
 from hypersd.recipes import RECIPES
 from hypersd.shapes import ShapesDataset, fixed_captions
-from training.base import RunLog, resolve_device, save_grid, to_device
+from training.base import RunLog, save_grid
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import config_to_dict, load_config
+from training.devices import resolve_device, to_device
 from training.lora_export import (
     export_lora,
     load_lora_into,

@@ -54,6 +54,7 @@ from training.attributes import (
     load_attribute_net,
     split_logits,
 )
+from training.devices import resolve_device
 
 KINDS = ("one", "two")
 # Reported attribute -> the heads that must all be right (object A and object B).
@@ -352,7 +353,7 @@ def generate_with_pipeline_dir(
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     elif scheduler != "model":
         raise ValueError(f"scheduler must be ddim-trailing, ddim or model, got {scheduler!r}")
-    pipe.to(_device(device))
+    pipe.to(resolve_device(device))
     pipe.set_progress_bar_config(disable=True)
     options: dict[str, Any] = {"output_type": "pil"}
     if steps is not None:
@@ -385,7 +386,7 @@ def reconstruct(
     path = Path(vae_path)
     subfolder = "vae" if (path / "vae" / "config.json").exists() else None
     vae = AutoencoderKL.from_pretrained(path, subfolder=subfolder, use_safetensors=True)
-    vae = vae.to(_device(device)).eval()
+    vae = vae.to(resolve_device(device)).eval()
     out: list[np.ndarray] = []
     for start in _progress(range(0, len(images), batch_size), "reconstruct"):
         x = images_to_tensor(images[start : start + batch_size], vae.device) * 2 - 1
@@ -393,12 +394,6 @@ def reconstruct(
         decoded = ((vae.decode(latents).sample.clamp(-1, 1) + 1) * 127.5).round()
         out.extend(decoded.byte().permute(0, 2, 3, 1).cpu().numpy())
     return out
-
-
-def _device(name: str | None) -> torch.device:
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _progress(items: Sequence[int], desc: str) -> Any:
@@ -525,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         label += f"-{args.steps}step" if args.steps else ""
     generation_seconds = time.time() - started
-    net = load_attribute_net(args.attributes, _device(device))
+    net = load_attribute_net(args.attributes, resolve_device(device))
     report = evaluate_images(images, captions, net, seed=args.seed)
     report.meta = {
         "source": label,
