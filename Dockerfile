@@ -24,4 +24,6 @@ RUN useradd --create-home --uid 1000 hypersd
 USER hypersd
 ENV HYPERSD_REGISTRY=/app/models/registry.toml
 ENTRYPOINT ["hypersd"]
-CMD ["models"]
+# `hypersd serve` (gateway), `hypersd worker --model NAME` (worker) or `hypersd generate ...`
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
+EXPOSE 8000 9101
