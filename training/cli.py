@@ -9,6 +9,8 @@ import sys
 STAGES = {
     "base": "training.base",
     "attributes": "training.attributes",
+    "aesthetic": "training.aesthetic",
+    "segmentation": "training.segmentation",
     "evaluate": "training.evaluate",
     "eval-summary": "training.eval_summary",
     "tscd": "training.distill",
