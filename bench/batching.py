@@ -1,6 +1,7 @@
 """Benchmark: images/s of one batched pipeline call against one call per image.
 
-    python bench/batching.py [--model NAME] [--steps 1,4,25] [--batch-sizes 1,4,8] [--repeats 5]
+    python -m bench.batching [--model NAME] [--steps 1,4,25] [--batch-sizes 1,4,8] [--repeats 5]
+                             [--threads N]
 
 Prints a markdown table: the median seconds per call, per image, images/s and the
 speed-up over batch size 1 measured in the same process. This is what the serving
@@ -10,12 +11,12 @@ micro-batcher relies on: several compatible requests cost less as one call.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
+from bench.machine import describe_machine
 from hypersd.pipeline import ImageRequest, load
 from hypersd.registry import load_registry
 
@@ -31,19 +32,18 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=_ints, default=[1, 4, 8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     registry = load_registry()
     spec = registry.get(args.model or registry.default)
     generator = load(spec, device=args.device)
     width, height = spec.default_size
     device = generator.pipe.device
-    print(
-        f"model {spec.name}, {width}x{height}, device {device}, torch threads "
-        f"{torch.get_num_threads()}, {platform.processor() or platform.machine()}"
-    )
-    if device.type == "cuda":
-        print(f"GPU: {torch.cuda.get_device_name(device)}")
+    print(f"model {spec.name}, {width}x{height}, device {device}")
+    print(describe_machine(device))
     print()
     print("| steps | batch | s/call (median) | s/image | images/s | vs batch 1 |")
     print("|---:|---:|---:|---:|---:|---:|")

@@ -1,6 +1,6 @@
 """Benchmark: a direct pipeline call against end-to-end HTTP -> Redis -> Celery, at 1 step.
 
-    python bench/serving.py [--model NAME] [--steps 1] [--requests 40] [--concurrency 1,4,16]
+    python -m bench.serving [--model NAME] [--steps 1] [--requests 40] [--concurrency 1,4,16]
                             [--threads N] [--redis-server /usr/bin/redis-server]
 
 Starts its own redis-server, `hypersd serve` (gateway only) and `hypersd worker` processes on free
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -30,6 +29,8 @@ from pathlib import Path
 
 import httpx
 import redis
+
+from bench.machine import describe_machine
 
 PROMPT = "a large red circle in the center on a white background"
 REPO = Path(__file__).resolve().parent.parent
@@ -178,9 +179,7 @@ def main() -> None:
         batched = _end_to_end(args, redis_url, max(args.concurrency), logs)
         unbatched = _end_to_end(args, redis_url, 1, logs)
 
-    print(
-        f"{platform.node()}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs,"
-    )
+    print(describe_machine())
     print(f"device {device}; {args.steps} step(s), {args.requests} requests per row; logs {logs}")
     print()
     print("| path | concurrency | p50 s | p99 s | images/s | vs direct (p50) | batching on/off |")

@@ -1,0 +1,1 @@
+"""Benchmarks that print markdown tables: `python -m bench.<name> --help`."""
