@@ -37,8 +37,8 @@ eval-base: $(VENV)/.installed
 	$(VENV)/bin/hypersd-train evaluate --reference renders --out runs/eval/renders --quiet
 	$(VENV)/bin/hypersd-train evaluate --reference reconstructions --vae models/shapes-base \
 		--out runs/eval/reconstructions --quiet
-	for g in 2 3 5; do $(EVAL) --steps 25 --guidance $$g --out runs/eval/base-25-g$$g; done
-	for s in 1 2 4 8; do $(EVAL) --steps $$s --guidance 3 --out runs/eval/base-$$s-g3; done
+	for g in 1.5 2 3 5; do $(EVAL) --steps 25 --guidance $$g --out runs/eval/base-25-g$$g; done
+	for s in 1 2 4 8; do $(EVAL) --steps $$s --guidance 2 --out runs/eval/base-$$s-g2; done
 	$(VENV)/bin/hypersd-train eval-summary runs/eval/renders runs/eval/reconstructions \
-		runs/eval/base-25-g2 runs/eval/base-25-g3 runs/eval/base-25-g5 \
-		runs/eval/base-1-g3 runs/eval/base-2-g3 runs/eval/base-4-g3 runs/eval/base-8-g3
+		runs/eval/base-25-g1.5 runs/eval/base-25-g2 runs/eval/base-25-g3 runs/eval/base-25-g5 \
+		runs/eval/base-1-g2 runs/eval/base-2-g2 runs/eval/base-4-g2 runs/eval/base-8-g2

@@ -56,7 +56,7 @@ def test_the_shipped_registry_serves_the_shapes_base_model() -> None:
     assert spec.default_steps == 25
     assert spec.sizes == ((64, 64),)
     assert spec.default_size == (64, 64)
-    assert spec.guidance_scale == 5.0
+    assert spec.guidance_scale == 2.0  # measured best for this model (README)
     assert spec.backend == "eager"
     assert spec.loras == ()
 
