@@ -240,7 +240,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     seg = SegmentationNet(SegmentationNetConfig(channels=(4, 8))).eval()
     loaded_seg = load_segmentation_model(save_segmentation_model(seg, tmp_path / "seg"))
     assert torch.allclose(seg(images), loaded_seg(images))
-    with pytest.raises(ValueError, match="not a Shapes segmentation model"):
+    with pytest.raises(ValueError, match="not a shapes-segmentation-net"):
         load_segmentation_model(tmp_path / "aes")
 
 

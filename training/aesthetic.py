@@ -51,11 +51,10 @@ from hypersd.shapes.spec import CANVAS
 from training.attributes import images_to_tensor
 from training.config import config_to_dict, load_config
 from training.devices import resolve_device
+from training.netio import load_weights, read_config, save_network, warmup_cosine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "shapes-aesthetic"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 DEGRADATIONS: tuple[str, ...] = ("blur", "noise", "ghost", "wash", "blocky", "jpeg")
 # The severities reported (and tested): each must score below clean and below the previous.
@@ -228,12 +227,6 @@ def save_aesthetic_model(
     net: AestheticNet, directory: str | Path, extra: dict[str, Any] | None = None
 ) -> Path:
     """Write ``model.safetensors`` and ``config.json`` (architecture, degradations, ``extra``)."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     config = {
         "model_type": "shapes-aesthetic-net",
         "architecture": dataclasses.asdict(net.config),
@@ -242,20 +235,14 @@ def save_aesthetic_model(
         "output": "(N,) score, ~1 for clean renders, lower when degraded",
         **(extra or {}),
     }
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return directory
+    return save_network(net, directory, config)
 
 
 def load_aesthetic_model(
     directory: str | Path = DEFAULT_MODEL_DIR, device: torch.device | str | None = None
 ) -> AestheticNet:
     """Load a saved model in eval mode with frozen parameters; no pickle is involved."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    if config.get("model_type") != "shapes-aesthetic-net":
-        raise ValueError(f"{directory}: not a Shapes aesthetic model")
+    config = read_config(directory, "shapes-aesthetic-net")
     arch = config["architecture"]
     net = AestheticNet(
         AestheticNetConfig(
@@ -264,8 +251,7 @@ def load_aesthetic_model(
             hidden_dim=int(arch["hidden_dim"]),
         )
     )
-    net.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device="cpu"))
-    return net.to(device or "cpu").eval().requires_grad_(False)
+    return load_weights(net, directory, device)
 
 
 # ----------------------------------------------------------------------------- training
@@ -387,12 +373,7 @@ def train(config: AestheticConfig) -> tuple[AestheticNet, dict[str, Any]]:
     net = AestheticNet(config.net_config()).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
-    def lr_factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
+    lr_factor = warmup_cosine(config.warmup_steps, config.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     dataset = ShapesDataset(config.seed, config.steps * config.batch_size)
     generator = torch.Generator().manual_seed(config.seed)

@@ -67,11 +67,10 @@ from hypersd.shapes.spec import (
 )
 from training.config import config_to_dict, load_config
 from training.devices import resolve_device
+from training.netio import load_weights, read_config, save_network, warmup_cosine
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "shapes-attributes"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 NONE = "none"
 BACKGROUNDS: tuple[str, ...] = tuple(BACKGROUND_COLORS)
@@ -338,12 +337,6 @@ def save_attribute_net(
     net: AttributeNet, directory: str | Path, extra: dict[str, Any] | None = None
 ) -> Path:
     """Write ``model.safetensors`` and ``config.json`` (architecture, classes, ``extra``)."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     config = {
         "model_type": "shapes-attribute-net",
         "architecture": dataclasses.asdict(net.config),
@@ -351,8 +344,7 @@ def save_attribute_net(
         "input": "RGB float (N, 3, 64, 64) in [0, 1]",
         **(extra or {}),
     }
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return directory
+    return save_network(net, directory, config)
 
 
 def load_attribute_net(
@@ -363,10 +355,7 @@ def load_attribute_net(
     The class lists saved with the weights must match this code's: a network
     trained on another version of the world would silently mislabel images.
     """
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config = json.loads((directory / CONFIG_NAME).read_text())
+    config = read_config(directory, "shapes-attribute-net")
     saved_heads = {head: tuple(classes) for head, classes in config["heads"].items()}
     if saved_heads != HEADS:
         raise ValueError(f"{directory}: the network's classes differ from this code's")
@@ -379,8 +368,7 @@ def load_attribute_net(
             image_size=int(arch["image_size"]),
         )
     )
-    net.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device="cpu"))
-    return net.to(device or "cpu").eval().requires_grad_(False)
+    return load_weights(net, directory, device)
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -779,12 +767,7 @@ def train(config: AttributesConfig) -> tuple[AttributeNet, dict[str, Any]]:
     net = AttributeNet(config.net_config()).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
-    def lr_factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
+    lr_factor = warmup_cosine(config.warmup_steps, config.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     dataset = ShapesDataset(config.seed, config.steps * config.batch_size)
     augment_config = config.augment_config()

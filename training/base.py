@@ -48,6 +48,7 @@ from hypersd.shapes import ShapesDataset, fixed_captions
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import config_to_dict, load_config
 from training.devices import resolve_device, to_device
+from training.netio import warmup_cosine
 from training.objectives.diffusion import (
     autoencoder_losses,
     denoising_losses,
@@ -101,10 +102,7 @@ class BaseConfig:
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% of ``base``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return base * warmup_cosine(warmup, total, floor=0.1)(step)
 
 
 def build_vae(cfg: BaseConfig) -> AutoencoderKL:

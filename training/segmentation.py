@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -47,12 +46,11 @@ from hypersd.shapes.spec import CANVAS
 from training.attributes import AugmentConfig, augment, images_to_tensor
 from training.config import config_to_dict, load_config
 from training.devices import resolve_device
+from training.netio import load_weights, read_config, save_network, warmup_cosine
 from training.objectives.feedback import structure_loss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "shapes-segmentation"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 SLOTS: tuple[str, ...] = ("first", "second")
 """Mask slots: the only / left / top object, then the right / bottom object."""
@@ -165,12 +163,6 @@ def save_segmentation_model(
     net: SegmentationNet, directory: str | Path, extra: dict[str, Any] | None = None
 ) -> Path:
     """Write ``model.safetensors`` and ``config.json`` (architecture, slots, ``extra``)."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     config = {
         "model_type": "shapes-segmentation-net",
         "architecture": dataclasses.asdict(net.config),
@@ -179,28 +171,21 @@ def save_segmentation_model(
         "output": "(N, slots, 64, 64) mask logits",
         **(extra or {}),
     }
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return directory
+    return save_network(net, directory, config)
 
 
 def load_segmentation_model(
     directory: str | Path = DEFAULT_MODEL_DIR, device: torch.device | str | None = None
 ) -> SegmentationNet:
     """Load a saved model in eval mode with frozen parameters; no pickle is involved."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config = json.loads((directory / CONFIG_NAME).read_text())
-    if config.get("model_type") != "shapes-segmentation-net":
-        raise ValueError(f"{directory}: not a Shapes segmentation model")
+    config = read_config(directory, "shapes-segmentation-net")
     if tuple(config["slots"]) != SLOTS:
         raise ValueError(f"{directory}: the model's slots differ from this code's")
     arch = config["architecture"]
     net = SegmentationNet(
         SegmentationNetConfig(channels=tuple(arch["channels"]), num_slots=int(arch["num_slots"]))
     )
-    net.load_state_dict(load_file(str(directory / WEIGHTS_NAME), device="cpu"))
-    return net.to(device or "cpu").eval().requires_grad_(False)
+    return load_weights(net, directory, device)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -312,12 +297,7 @@ def train(config: SegmentationConfig) -> tuple[SegmentationNet, dict[str, Any]]:
     net = SegmentationNet(config.net_config()).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
-    def lr_factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
+    lr_factor = warmup_cosine(config.warmup_steps, config.steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     dataset = ShapesDataset(config.seed, config.steps * config.batch_size)
     augment_config = config.augment_config()

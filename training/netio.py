@@ -1,0 +1,63 @@
+"""The small Shapes networks (attribute, aesthetic, segmentation): how they are saved and loaded.
+
+Each lives in a folder of ``model.safetensors`` (weights, no pickle) and
+``config.json`` (what it is, its architecture, how it was trained and what it
+measured), and loads in eval mode with frozen parameters: they judge and reward
+images, they are never trained further by the code that loads them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+NetT = TypeVar("NetT", bound=torch.nn.Module)
+
+
+def save_network(net: torch.nn.Module, directory: str | Path, config: dict[str, Any]) -> Path:
+    """Write the weights and ``config`` (which should name its ``model_type``) to ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def read_config(directory: str | Path, model_type: str | None = None) -> dict[str, Any]:
+    """The saved ``config.json``; ``ValueError`` when it is not a ``model_type`` network."""
+    config: dict[str, Any] = json.loads((Path(directory) / CONFIG_NAME).read_text())
+    if model_type is not None and config.get("model_type") != model_type:
+        raise ValueError(f"{directory}: not a {model_type} (found {config.get('model_type')!r})")
+    return config
+
+
+def load_weights(
+    net: NetT, directory: str | Path, device: torch.device | str | None = None
+) -> NetT:
+    """Fill ``net`` from ``model.safetensors``; return it on ``device``, in eval mode, frozen."""
+    net.load_state_dict(load_file(str(Path(directory) / WEIGHTS_NAME), device="cpu"))
+    net.to(device or "cpu")
+    return net.eval().requires_grad_(False)
+
+
+def warmup_cosine(
+    warmup_steps: int, total_steps: int, floor: float = 0.0
+) -> Callable[[int], float]:
+    """A learning-rate factor per step: linear warm-up, then cosine decay to ``floor``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
