@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import itertools
 import json
 import math
@@ -40,15 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 
 from hypersd.shapes import ShapesDataset
 from hypersd.shapes.spec import CANVAS
-from training.attributes import images_to_tensor
+from training.attributes import gaussian_blur, images_to_tensor, jpeg_roundtrip
 from training.config import config_to_dict, load_config
 from training.devices import resolve_device
 from training.netio import load_weights, read_config, save_network, warmup_cosine
@@ -64,34 +61,6 @@ DEGRADED_TOP = 0.7
 
 
 # ----------------------------------------------------------------------------- degradations
-
-
-def gaussian_blur(images: Tensor, sigma: Tensor, radius: int = 6) -> Tensor:
-    """Per-image separable gaussian blur of (N, C, H, W) images, ``sigma`` (N,) in pixels."""
-    n, c, h, w = images.shape
-    offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    kernel = torch.exp(-0.5 * (offsets[None] / sigma.clamp_min(1e-3)[:, None]) ** 2)
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, dim=0)
-    flat = images.reshape(1, n * c, h, w)
-    flat = F.conv2d(
-        F.pad(flat, (radius, radius, 0, 0), mode="replicate"),
-        kernel[:, None, None, :],
-        groups=n * c,
-    )
-    flat = F.conv2d(
-        F.pad(flat, (0, 0, radius, radius), mode="replicate"),
-        kernel[:, None, :, None],
-        groups=n * c,
-    )
-    return flat.reshape(n, c, h, w)
-
-
-def _jpeg(image: Tensor, quality: int) -> Tensor:
-    array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
-    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
-    return torch.from_numpy(decoded.copy()).permute(2, 0, 1).float().div(255).to(image.device)
 
 
 def degrade(
@@ -110,7 +79,7 @@ def degrade(
         return torch.rand(*shape, generator=generator).to(device)
 
     if kind == "blur":
-        out = gaussian_blur(images, 0.5 + 1.5 * s)
+        out = gaussian_blur(images, 0.5 + 1.5 * s, radius=6)
     elif kind == "noise":
         noise = torch.randn(images.shape, generator=generator).to(device)
         out = images + noise * (0.02 + 0.13 * s)[:, None, None, None]
@@ -151,7 +120,9 @@ def degrade(
         )
     elif kind == "jpeg":
         qualities = torch.round(50 - 45 * s).long().tolist()
-        out = torch.stack([_jpeg(image, q) for image, q in zip(images, qualities, strict=True)])
+        out = torch.stack(
+            [jpeg_roundtrip(image, q) for image, q in zip(images, qualities, strict=True)]
+        )
     else:
         raise ValueError(f"unknown degradation {kind!r}; allowed: {list(DEGRADATIONS)}")
     return out.clamp(0, 1)

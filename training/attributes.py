@@ -395,14 +395,15 @@ class AugmentConfig:
     noise_std_max: float = 0.04
 
 
-def _gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
-    """Per-image separable gaussian blur (sigma (N,) in pixels; 0 leaves an image as is)."""
+def gaussian_blur(images: Tensor, sigma: Tensor, radius: int = 3) -> Tensor:
+    """Per-image separable gaussian blur of (N, C, H, W) images; ``sigma`` (N,) in pixels.
+
+    A sigma of 0 leaves an image as it is; ``radius`` bounds the kernel (3 suits sigma <= 1.5).
+    """
     n, c, h, w = images.shape
-    radius = 3
     offsets = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
     kernel = torch.exp(-0.5 * (offsets[None] / sigma.clamp_min(1e-3)[:, None]) ** 2)
-    kernel = kernel / kernel.sum(1, keepdim=True)  # (N, K)
-    kernel = kernel.repeat_interleave(c, dim=0)  # (N*C, K)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, dim=0)  # (N*C, K)
     flat = images.reshape(1, n * c, h, w)
     flat = F.conv2d(
         F.pad(flat, (radius, radius, 0, 0), mode="replicate"),
@@ -417,7 +418,8 @@ def _gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
     return flat.reshape(n, c, h, w)
 
 
-def _jpeg(image: Tensor, quality: int) -> Tensor:
+def jpeg_roundtrip(image: Tensor, quality: int) -> Tensor:
+    """One (3, H, W) image in [0, 1] through JPEG at ``quality`` and back."""
     array = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="JPEG", quality=quality)
@@ -448,7 +450,7 @@ def augment(images: Tensor, config: AugmentConfig, generator: torch.Generator) -
     sigma = draw(n) * config.blur_sigma_max
     blur = active & (draw(n) < config.blur_prob)
     if blur.any():
-        out[blur] = _gaussian_blur(out[blur], sigma[blur])
+        out[blur] = gaussian_blur(out[blur], sigma[blur])
     # soft resampling
     soften = active & (draw(n) < config.soften_prob)
     if soften.any():
@@ -461,7 +463,7 @@ def augment(images: Tensor, config: AugmentConfig, generator: torch.Generator) -
     jpeg = active & (draw(n) < config.jpeg_prob)
     qualities = config.jpeg_quality_min + (draw(n) * (95 - config.jpeg_quality_min)).long()
     for i in torch.nonzero(jpeg).flatten().tolist():
-        out[i] = _jpeg(out[i], int(qualities[i]))
+        out[i] = jpeg_roundtrip(out[i], int(qualities[i]))
     # noise
     noisy = active & (draw(n) < config.noise_prob)
     std = draw(n) * config.noise_std_max * noisy
