@@ -92,7 +92,7 @@ def test_denoised_x0_prediction_stops_in_the_schedule_with_grad_at_the_last_call
     schedule = [999, 749, 499, 249]
     noise, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
     for seed in range(4):
-        x0, t = denoised_x0_prediction(
+        x0, _, t = denoised_x0_prediction(
             student,
             AC,
             noise,
@@ -106,5 +106,5 @@ def test_denoised_x0_prediction_stops_in_the_schedule_with_grad_at_the_last_call
     x0.mean().backward()
     assert any(p.grad is not None for p in student.parameters())
     oracle_x0 = torch.randn(2, 4, 8, 8)
-    x0, _ = denoised_x0_prediction(FixedX0Net(oracle_x0, AC), AC, noise, cond, schedule=schedule)
+    x0, _, _ = denoised_x0_prediction(FixedX0Net(oracle_x0, AC), AC, noise, cond, schedule=schedule)
     torch.testing.assert_close(x0, oracle_x0, atol=1e-3, rtol=0)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import importlib
 import sys
 
-# stage name -> module with a ``main(argv: list[str]) -> int`` function
+# stage name -> "module:function", a ``(argv: list[str]) -> int`` entry point
 STAGES = {
-    "base": "training.base",
-    "attributes": "training.attributes",
-    "aesthetic": "training.aesthetic",
-    "segmentation": "training.segmentation",
-    "evaluate": "training.evaluate",
-    "eval-summary": "training.eval_summary",
-    "tscd": "training.distill",
-    "lcm": "training.lcm_baseline",
+    "base": "training.base:main",
+    "attributes": "training.attributes:main",
+    "aesthetic": "training.aesthetic:main",
+    "segmentation": "training.segmentation:main",
+    "evaluate": "training.evaluate:main",
+    "eval-summary": "training.eval_summary:main",
+    "tscd": "training.distill:main",
+    "lcm": "training.distill:main_lcm",
+    "feedback": "training.enhance:main",
+    "dmd": "training.enhance:main_dmd",
+    "table": "training.table:main",
 }
 
 
@@ -28,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(STAGES[stage])
-    return int(module.main(rest))
+    module, function = STAGES[stage].split(":")
+    return int(getattr(importlib.import_module(module), function)(rest))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import hashlib
 import io
 import json
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -282,9 +282,9 @@ def load_data(
 # 2. models
 
 
-def load_teacher(cfg: DistillConfig) -> SDPipeline:
+def load_teacher(teacher: str, registry: str | None = None) -> SDPipeline:
     """The base pipeline on the CPU: a diffusers folder, or a registry model (LoRAs fused)."""
-    folder = Path(cfg.teacher)
+    folder = Path(teacher)
     if (folder / "model_index.json").exists():
         index = json.loads((folder / "model_index.json").read_text())
         pipe: SDPipeline
@@ -305,7 +305,7 @@ def load_teacher(cfg: DistillConfig) -> SDPipeline:
     from hypersd.pipeline import _load_pipeline
     from hypersd.registry import load_registry
 
-    spec = load_registry(cfg.registry).get(cfg.teacher)
+    spec = load_registry(registry).get(teacher)
     pipe = _load_pipeline(spec, torch.float32)
     fuse_loras(pipe, spec.loras)
     return pipe
@@ -354,6 +354,45 @@ class PackedConditioning:
         return args, kwargs
 
 
+def build_encoder(
+    pipe: SDPipeline,
+    device: torch.device,
+    resolution: int,
+    unets: Sequence[UNet2DConditionModel | None],
+) -> Callable[[list[str]], torch.Tensor]:
+    """captions -> the text conditioning every network of a stage is called with.
+
+    For SDXL the pooled embedding and size ids are packed into one extra token
+    (``PackedConditioning``) and each of ``unets`` gets the hook that unpacks them.
+    """
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        encoder_2 = pipe.text_encoder_2
+        assert encoder_2 is not None
+        packer = PackedConditioning(int(encoder_2.config.projection_dim), resolution)
+        for unet in unets:
+            if unet is not None:
+                unet.register_forward_pre_hook(packer.hook, with_kwargs=True)
+        xl_pipe = pipe
+
+        def encode_xl(captions: list[str]) -> torch.Tensor:
+            embeds, _, pooled, _ = xl_pipe.encode_prompt(
+                captions,  # type: ignore[arg-type]  # annotated str, takes a list too
+                device=device,
+                do_classifier_free_guidance=False,
+            )
+            assert pooled is not None
+            return packer.pack(embeds, pooled)
+
+        return encode_xl
+    sd_pipe = pipe
+
+    def encode(captions: list[str]) -> torch.Tensor:
+        embeds, _ = sd_pipe.encode_prompt(captions, device, 1, False)
+        return embeds
+
+    return encode
+
+
 @dataclass
 class Models:
     """The frozen teacher pipeline and the networks a stage trains or tracks."""
@@ -396,28 +435,7 @@ def build_models(
         student.enable_gradient_checkpointing()
     student.train()
 
-    encode: Callable[[list[str]], torch.Tensor]
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        encoder_2 = pipe.text_encoder_2
-        assert encoder_2 is not None
-        packer = PackedConditioning(int(encoder_2.config.projection_dim), cfg.resolution)
-        for unet in (teacher, student, target):
-            unet.register_forward_pre_hook(packer.hook, with_kwargs=True)
-
-        def encode(captions: list[str]) -> torch.Tensor:
-            embeds, _, pooled, _ = pipe.encode_prompt(
-                captions,  # type: ignore[arg-type]  # annotated str, takes a list too
-                device=device,
-                do_classifier_free_guidance=False,
-            )
-            assert pooled is not None
-            return packer.pack(embeds, pooled)
-    else:
-        sd_pipe = pipe
-
-        def encode(captions: list[str]) -> torch.Tensor:
-            embeds, _ = sd_pipe.encode_prompt(captions, device, 1, False)
-            return embeds
+    encode = build_encoder(pipe, device, cfg.resolution, (teacher, student, target))
 
     discriminator = None
     if with_discriminator:
@@ -462,6 +480,51 @@ def lr_at(step: int, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / max(1, warmup))
 
 
+def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """DDIM's "trailing" spacing, the served sampler's: e.g. 1000, 4 -> [999, 749, 499, 249]."""
+    ratio = num_train_timesteps / steps
+    return [round(num_train_timesteps - i * ratio) - 1 for i in range(steps)]
+
+
+def sample_grid_from(
+    pipe: SDPipeline,
+    unet: UNet2DConditionModel,
+    captions: list[str],
+    steps: int,
+    resolution: int,
+    path: Path,
+    sampler: Literal["ddim-trailing", "lcm"] = "ddim-trailing",
+) -> None:
+    """A grid of ``unet``'s images, one per caption (seed = index), no CFG."""
+    scheduler: DDIMScheduler | LCMScheduler
+    if sampler == "lcm":
+        scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    else:
+        built = RECIPES["nstep-lora"].build_scheduler(pipe.scheduler.config)
+        assert isinstance(built, DDIMScheduler)
+        scheduler = built
+    components: dict[str, Any] = {**pipe.components, "unet": unet, "scheduler": scheduler}
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        sampling: SDPipeline = StableDiffusionXLPipeline(**components)
+    else:
+        sampling = StableDiffusionPipeline(**components, requires_safety_checker=False)
+    sampling.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(i) for i in range(len(captions))]
+    was_training = unet.training
+    unet.eval()
+    with torch.no_grad():
+        images = sampling(
+            prompt=captions,
+            num_inference_steps=steps,
+            guidance_scale=0.0,
+            generator=generators,
+            height=resolution,
+            width=resolution,
+        ).images
+    unet.train(was_training)
+    save_grid(images, path, columns=min(8, len(images)))
+
+
 def write_samples(
     cfg: DistillConfig,
     method: Method,
@@ -470,36 +533,10 @@ def write_samples(
     captions: list[str],
     path: Path,
 ) -> None:
-    """A grid from the student: DDIM trailing at k steps (TSCD) or LCM's sampler, no CFG."""
-    pipe = models.pipe
+    """A grid from the student: DDIM trailing at k steps (TSCD) or LCM's sampler (4 steps)."""
     steps = cfg.sample_steps or (4 if method == "lcm" else k)
-    scheduler: DDIMScheduler | LCMScheduler
-    if method == "lcm":
-        scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-    else:
-        built = RECIPES["nstep-lora"].build_scheduler(pipe.scheduler.config)
-        assert isinstance(built, DDIMScheduler)
-        scheduler = built
-    components: dict[str, Any] = {**pipe.components, "unet": models.student, "scheduler": scheduler}
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        sampler: SDPipeline = StableDiffusionXLPipeline(**components)
-    else:
-        sampler = StableDiffusionPipeline(**components, requires_safety_checker=False)
-    sampler.set_progress_bar_config(disable=True)
-    generators = [torch.Generator().manual_seed(i) for i in range(len(captions))]
-    was_training = models.student.training
-    models.student.eval()
-    with torch.no_grad():
-        images = sampler(
-            prompt=captions,
-            num_inference_steps=steps,
-            guidance_scale=0.0,
-            generator=generators,
-            height=cfg.resolution,
-            width=cfg.resolution,
-        ).images
-    models.student.train(was_training)
-    save_grid(images, path, columns=min(8, len(images)))
+    sampler: Literal["ddim-trailing", "lcm"] = "lcm" if method == "lcm" else "ddim-trailing"
+    sample_grid_from(models.pipe, models.student, captions, steps, cfg.resolution, path, sampler)
 
 
 def train_stage(
@@ -595,9 +632,11 @@ def train_stage(
         # 2. the student's step: consistency distance (+ adversarial generator loss)
         target_net = student if online else target
         autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+        prediction = None
         with autocast:
             if method == "tscd":
-                losses = tscd_losses(
+                # made once: the student's loss and the discriminator's step share it
+                prediction = tscd_predict(
                     student,
                     target_net,
                     models.teacher,
@@ -608,13 +647,26 @@ def train_stage(
                     skip=cfg.skip,
                     uncond_hidden_states=empty,
                     guidance_range=guidance_range,
+                    noise_offset=cfg.noise_offset,
+                    final_alpha_cumprod=models.final_alpha_cumprod,
+                    generator=generator,
+                )
+                losses = tscd_losses(
+                    student,
+                    target_net,
+                    models.teacher,
+                    models.alphas_cumprod,
+                    batch,
+                    text,
+                    k=k,
+                    skip=cfg.skip,
                     distance_kind=distance_kind,
                     huber_c=cfg.huber_c,
-                    noise_offset=cfg.noise_offset,
                     final_alpha_cumprod=models.final_alpha_cumprod,
                     discriminator=discriminator if use_disc else None,
                     adversarial_weight=weight,
                     generator=generator,
+                    prediction=prediction,
                 )
             else:
                 losses = lcm_losses(
@@ -639,25 +691,10 @@ def train_stage(
         if not online:
             ema_update(target_params, student_params, cfg.ema_decay)
         values = {f"student/{key}": float(v.detach()) for key, v in losses.items()}
-        # 3. the discriminator's step on the updated student's (detached) prediction
+        # 3. the discriminator's step on the student's (detached) prediction of this batch
         disc_step = use_disc and step % cfg.disc_every == 0
         if disc_step and discriminator is not None and disc_optimizer is not None:
-            with torch.no_grad(), autocast:
-                prediction = tscd_predict(
-                    student,
-                    target_net,
-                    models.teacher,
-                    models.alphas_cumprod,
-                    batch,
-                    text,
-                    k=k,
-                    skip=cfg.skip,
-                    uncond_hidden_states=empty,
-                    guidance_range=guidance_range,
-                    noise_offset=cfg.noise_offset,
-                    final_alpha_cumprod=models.final_alpha_cumprod,
-                    generator=generator,
-                )
+            assert prediction is not None
             with autocast:
                 disc_losses = tscd_discriminator_losses(
                     discriminator,
@@ -751,7 +788,8 @@ def export_checkpoint(cfg: DistillConfig, method: Method) -> Path:
         checkpoint = folder / "checkpoint"
         if (folder / "lora.safetensors").exists() or not (checkpoint / "state.json").exists():
             continue
-        models = build_models(cfg, load_teacher(cfg), torch.device("cpu"), False)
+        teacher = load_teacher(cfg.teacher, cfg.registry)
+        models = build_models(cfg, teacher, torch.device("cpu"), False)
         lora = torch.nn.ParameterList(models.lora_parameters(models.student))
         step = load_checkpoint(checkpoint, modules={"lora": lora})["step"]
         out = folder / "checkpoint-export"
@@ -782,7 +820,7 @@ def run(cfg: DistillConfig, method: Method) -> dict[int, Path]:
         if not (stage_dir(cfg, method, k) / "lora.safetensors").exists()
     ]
     if pending:
-        pipe = load_teacher(cfg)
+        pipe = load_teacher(cfg.teacher, cfg.registry)
         models = build_models(cfg, pipe, device, cfg.adversarial and method == "tscd")
         data = load_data(cfg, pipe, device)
         for index in pending:
@@ -830,5 +868,5 @@ def main(argv: list[str]) -> int:
 
 
 def main_lcm(argv: list[str]) -> int:
-    """``hypersd-train lcm`` (``training.lcm_baseline`` is its stage module)."""
+    """``hypersd-train lcm``: the LCM-LoRA baseline, same loop, data and budget as TSCD."""
     return _main("lcm", argv)

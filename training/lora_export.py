@@ -122,7 +122,7 @@ def export_lora(
 
 def registry_entry(
     name: str,
-    lora_file: str,
+    loras: str | list[tuple[str, str]],
     *,
     base: str,
     steps: int,
@@ -133,9 +133,11 @@ def registry_entry(
 
     N-step LoRAs are served with DDIM trailing at their step count (recipe ``nstep-lora``); the
     unified 1-step LoRA (and an LCM-style LoRA) with TCD at 1-8 steps (``unified-1step-lora``).
-    ``lora_file`` is relative to the registry file: copy the LoRA beside it.
+    ``loras`` is one LoRA file, or ``(name, file)`` pairs fused in that order (e.g. the TSCD LoRA,
+    then the feedback LoRA over it); files are relative to the registry file.
     """
-    lora_name = name.removeprefix(f"{base}-") or name
+    if isinstance(loras, str):
+        loras = [(name.removeprefix(f"{base}-") or name, loras)]
     if unified:
         recipe, steps_line = "unified-1step-lora", "steps = [1, 2, 4, 8]\ndefault_steps = 1"
     else:
@@ -149,5 +151,7 @@ def registry_entry(
         f'extends = "{base}"\n'
         f'recipe = "{recipe}"\n'
         f"{steps_line}\n"
-        f'loras = [{{ name = "{lora_name}", path = "{lora_file}" }}]\n'
+        "loras = ["
+        + ", ".join(f'{{ name = "{lora}", path = "{file}" }}' for lora, file in loras)
+        + "]\n"
     )

@@ -136,7 +136,7 @@ def denoised_x0_prediction(
     schedule: Sequence[int],
     stop_range: tuple[int, int] | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, int]:
+) -> tuple[Tensor, Tensor, int]:
     """ReFL: run the student's DDIM sampler from pure noise without grad to a random step of
     ``schedule``, then predict x̂0 there in one step with grad.
 
@@ -150,7 +150,8 @@ def denoised_x0_prediction(
             window of t); all indices when None.
         generator: the random source.
 
-    Returns ``(x0_prediction, t)`` with t the timestep where x̂0 was predicted.
+    Returns ``(x0_prediction, x_t, t)``: x_t (no grad) is where x̂0 was predicted, at timestep t,
+    so that a reference network (e.g. the starting model) can predict from the same point.
     """
     first, last = stop_range if stop_range is not None else (0, len(schedule) - 1)
     stop = int(torch.randint(first, last + 1, (1,), generator=generator).item())
@@ -163,8 +164,9 @@ def denoised_x0_prediction(
             eps = student(x, t, encoder_hidden_states).sample
             x = ddim_step(x, eps, t, s, alphas_cumprod)
     t = torch.full((n,), schedule[stop], device=device, dtype=torch.long)
-    eps = student(x.detach(), t, encoder_hidden_states).sample
-    return x0_from_epsilon(x.detach(), eps, t, alphas_cumprod), schedule[stop]
+    x = x.detach()
+    eps = student(x, t, encoder_hidden_states).sample
+    return x0_from_epsilon(x, eps, t, alphas_cumprod), x, schedule[stop]
 
 
 def latents_to_images(vae: Any, latents: Tensor) -> Tensor:

@@ -241,6 +241,7 @@ def tscd_losses(
     discriminator: TeacherFeatureDiscriminator | None = None,
     adversarial_weight: float = 0.0,
     generator: torch.Generator | None = None,
+    prediction: TSCDPrediction | None = None,
 ) -> dict[str, Tensor]:
     """The TSCD loss: d(student_end, target_end) (+ λ_adv · the generator's hinge loss).
 
@@ -250,28 +251,31 @@ def tscd_losses(
             student's x̂_{t_end} and the real latents, both re-noised to a time in the segment,
             scored by the discriminator over the frozen teacher's features.
         adversarial_weight: λ_adv (see ``adversarial.adversarial_weight(k)``).
+        prediction: this batch's ``tscd_predict`` when the caller already made it (the training
+            loop does, to hand the same detached x̂_{t_end} to the discriminator's step).
 
     Returns scalars: ``loss`` (to minimise), ``distance``, ``adversarial`` (0 without a
     discriminator), and diagnostics ``t_n``, ``t_end`` (batch means), ``boundary_fraction``
     (share of t_end = t_{n-1}), ``guidance`` (mean ω, 0 without guidance).
     """
-    prediction = tscd_predict(
-        student,
-        target,
-        teacher,
-        alphas_cumprod,
-        latents,
-        encoder_hidden_states,
-        k=k,
-        skip=skip,
-        uncond_hidden_states=uncond_hidden_states,
-        guidance_range=guidance_range,
-        noise=noise,
-        noise_offset=noise_offset,
-        timesteps=timesteps,
-        final_alpha_cumprod=final_alpha_cumprod,
-        generator=generator,
-    )
+    if prediction is None:
+        prediction = tscd_predict(
+            student,
+            target,
+            teacher,
+            alphas_cumprod,
+            latents,
+            encoder_hidden_states,
+            k=k,
+            skip=skip,
+            uncond_hidden_states=uncond_hidden_states,
+            guidance_range=guidance_range,
+            noise=noise,
+            noise_offset=noise_offset,
+            timesteps=timesteps,
+            final_alpha_cumprod=final_alpha_cumprod,
+            generator=generator,
+        )
     d = distance(prediction.student_end, prediction.target_end, distance_kind, huber_c)
     loss = d
     adversarial = torch.zeros((), device=latents.device)

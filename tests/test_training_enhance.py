@@ -1,0 +1,178 @@
+"""The feedback and DMD stages (``hypersd-train feedback`` / ``dmd``) end to end.
+
+Two optimisation steps on tiny random SD1.5- and SDXL-architecture pipelines with the shipped
+Shapes reward networks: every loss term is computed, the exported LoRA loads in plain diffusers
+and through ``hypersd.lora``, DMD stacks on the feedback LoRA (fused), the registry entry lists
+both, and a stopped run resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    StableDiffusionXLPipeline,
+)
+from test_training_distill import TARGETS, check_exported_lora
+
+from hypersd.lora import load_lora
+from hypersd.registry import LoraSpec, load_registry
+from training import cli
+from training.config import load_config
+from training.enhance import EnhanceConfig, fused_unet, run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(teacher: Path | str, out: Path, **overrides: Any) -> EnhanceConfig:
+    values: dict[str, Any] = {
+        "teacher": str(teacher),
+        "out_dir": str(out),
+        "steps": 2,
+        "batch_size": 2,
+        "threads": 1,
+        "device": "cpu",
+        "lora_rank": 4,
+        "lora_alpha": 4,
+        "lora_targets": TARGETS,
+        "lr": 1e-2,  # large, so that two steps visibly change the LoRA
+        "warmup_steps": 1,
+        "fake_rank": 4,
+        "fake_updates": 2,
+        "log_every": 1,
+        "sample_count": 2,
+        # the shipped Shapes networks: the judge stands in for the alignment reward here
+        "alignment_path": str(ROOT / "models" / "shapes-attributes"),
+        "aesthetic_path": str(ROOT / "models" / "shapes-aesthetic"),
+        "segmentation_path": str(ROOT / "models" / "shapes-segmentation"),
+    }
+    return EnhanceConfig(**(values | overrides))
+
+
+def log_lines(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_feedback_then_dmd_on_tiny_models(tiny_models: Any, tmp_path: Path, family: str) -> None:
+    torch.set_num_threads(1)
+    base = getattr(tiny_models, family)
+    pipeline_cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+    feedback_cfg = tiny_config(base, tmp_path / "feedback", export_name="tiny-feedback")
+    feedback_file = run(feedback_cfg, "feedback")
+    assert feedback_file == tmp_path / "feedback" / "tiny-feedback.safetensors"
+    lines = log_lines(tmp_path / "feedback")
+    assert [line["step"] for line in lines] == [0, 1]
+    for term in ("alignment_reward", "aesthetic_reward", "structure", "anchor", "loss"):
+        assert all(f"student/{term}" in line for line in lines), term
+    # the new LoRA starts at zero: the first step's student is the starting model
+    assert lines[0]["student/anchor"] == 0.0 and lines[1]["student/anchor"] > 0.0
+    assert (tmp_path / "feedback" / "final.png").exists()
+    check_exported_lora(pipeline_cls, base, tmp_path / "feedback", "tiny-feedback", feedback_cfg)
+
+    dmd_cfg = tiny_config(
+        base,
+        tmp_path / "dmd",
+        export_name="tiny-dmd",
+        start_loras=(str(feedback_file),),
+        aesthetic="none",
+        structure_weight=0.0,
+    )
+    assert run(dmd_cfg, "dmd") == tmp_path / "dmd" / "tiny-dmd.safetensors"
+    lines = log_lines(tmp_path / "dmd")
+    for term in ("student/dmd", "student/dmd_gap", "student/alignment_reward", "fake/loss"):
+        assert all(term in line for line in lines), term
+    skipped = ("student/aesthetic_reward", "student/structure")
+    assert not any(term in line for line in lines for term in skipped)
+    check_exported_lora(pipeline_cls, base, tmp_path / "dmd", "tiny-dmd", dmd_cfg)
+
+
+def test_start_loras_are_fused_into_the_student(tiny_models: Any, tmp_path: Path) -> None:
+    """The student starts as base + start LoRA, exactly as diffusers applies that LoRA."""
+    torch.set_num_threads(1)
+    cfg = tiny_config(tiny_models.sd15, tmp_path, start_loras=(str(tiny_models.sd15_lora),))
+    student = fused_unet(cfg, torch.device("cpu"))
+    assert not any("lora_" in name for name, _ in student.named_parameters())
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_models.sd15, local_files_only=True, use_safetensors=True
+    )
+    generator = torch.Generator().manual_seed(0)
+    sample, t = torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([500])
+    hidden = torch.randn(1, 5, pipe.unet.config["cross_attention_dim"], generator=generator)
+    with torch.no_grad():
+        base = pipe.unet(sample, t, hidden).sample
+        load_lora(pipe, LoraSpec(name="start", path=tiny_models.sd15_lora))
+        pipe.set_adapters(["start"], adapter_weights=[1.0])
+        expected = pipe.unet(sample, t, hidden).sample
+        fused = student(sample, t, hidden).sample
+    assert not torch.allclose(base, expected, atol=1e-5)
+    torch.testing.assert_close(fused, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_registry_entry_stacks_the_loras(tiny_models: Any, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    feedback = tiny_config(
+        "sd15-teacher",
+        tmp_path / "runs" / "feedback",
+        registry=str(tiny_models.registry),
+        export_name="tiny-feedback",
+        registry_base="sd15-teacher",
+        structure_weight=0.0,
+        aesthetic="none",
+    )
+    first = run(feedback, "feedback")
+    assert first is not None
+    dmd = tiny_config(
+        "sd15-teacher",
+        tmp_path / "runs" / "dmd",
+        registry=str(tiny_models.registry),
+        export_name="tiny-dmd",
+        registry_base="sd15-teacher",
+        start_loras=(str(first),),
+        structure_weight=0.0,
+        aesthetic="none",
+    )
+    assert run(dmd, "dmd") is not None
+    entry = (tmp_path / "runs" / "dmd" / "registry.toml").read_text()
+    assert 'path = "../feedback/tiny-feedback.safetensors"' in entry
+    # the entry validates beside a base entry, its LoRA paths relative to the stage folder
+    shutil.copytree(tiny_models.sd15, tmp_path / "runs" / "dmd" / "sd15")
+    base_entry = '[models.sd15-teacher]\nfamily = "sd15"\npath = "sd15"\nrecipe = "teacher"\n\n'
+    registry_file = tmp_path / "runs" / "dmd" / "registry.toml"
+    registry_file.write_text('default = "sd15-teacher"\n\n' + base_entry + entry)
+    spec = load_registry(registry_file).get("tiny-dmd")
+    assert [lora.name for lora in spec.loras] == ["tiny-feedback", "tiny-dmd"]
+    assert all(lora.path.exists() for lora in spec.loras)
+    assert (spec.recipe, spec.default_steps) == ("unified-1step-lora", 1)
+
+
+def test_stopped_run_resumes(tiny_models: Any, tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = tiny_config(tiny_models.sd15, tmp_path / "run", stop_after=1, structure_weight=0.0)
+    assert run(cfg, "dmd") is None
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 1 and state["config"]["stop_after"] == 1
+    assert not (tmp_path / "run" / "lora.safetensors").exists()
+    assert run(EnhanceConfig(**{**cfg.__dict__, "stop_after": 0}), "dmd") is not None
+    assert [line["step"] for line in log_lines(tmp_path / "run")] == [0, 1]
+
+
+def test_bad_settings_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="feedback' or 'dmd"):
+        run(tiny_config("x", tmp_path), "lcm")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="structure_window"):
+        run(tiny_config("x", tmp_path, structure_window=(1, 2, 3)), "feedback")
+
+
+def test_configs_and_cli() -> None:
+    for name in ("feedback-shapes", "dmd-shapes", "sd15-feedback"):
+        cfg = load_config(EnhanceConfig, ROOT / "training" / "configs" / f"{name}.yaml")
+        assert cfg.steps > 0
+    assert {"feedback", "dmd", "table"} <= set(cli.STAGES)
