@@ -18,11 +18,13 @@ import anyio
 import redis
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from hypersd.registry import Registry, load_registry
 from service import errors, generations, openai_compat, system
 from service.deps import Services
-from service.metrics import JobsCollector, observe_requests
+from service.metrics import JobsCollector, RequestMetrics
 from service.settings import Settings
 from worker.heartbeat import Heartbeat
 from worker.queue import CeleryQueue, LocalQueue
@@ -44,12 +46,20 @@ async def _gateway_only(settings: Settings, registry: Registry) -> AsyncIterator
     """REDIS_URL set: jobs go to Celery workers; job state and images are read from Redis."""
     from worker.celery_app import create_celery
 
-    client = redis.Redis.from_url(settings.redis_url or "")
+    # Fail fast while Redis is down (a 503 now, not a request stuck in reconnect back-off); one
+    # retry still covers a connection that went stale.
+    client = redis.Redis.from_url(
+        settings.redis_url or "",
+        socket_connect_timeout=2,
+        socket_timeout=10,
+        retry=Retry(NoBackoff(), retries=1),
+    )
+    store = RedisJobStore(client, settings.job_ttl_s)
     try:
         queue = CeleryQueue(create_celery(settings), client)
-        store = RedisJobStore(client, settings.job_ttl_s)
         yield Services(settings, registry, store, queue, served=registry.names)
     finally:
+        store.close()
         client.close()
 
 
@@ -105,7 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
-    app.middleware("http")(observe_requests)
+    app.add_middleware(RequestMetrics)
     for module in (generations, openai_compat, system):
         app.include_router(module.router)
 

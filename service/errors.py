@@ -7,9 +7,11 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException
 
 from hypersd.contracts import ErrorBody, ErrorDetail, RequestError
+from worker.store import STORE_DOWN
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,15 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     return _answer(error.status_code, detail, dict(error.headers or {}) or None)
 
 
+async def _store_down(request: Request, error: Exception) -> JSONResponse:
+    """Redis (job store and broker) is down or restarting: a clear 503 to retry, not a 500."""
+    log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, error)
+    detail = ErrorDetail(
+        type="unavailable", message="the job store (Redis) is unavailable; retry shortly"
+    )
+    return _answer(503, detail, {"Retry-After": "1"})
+
+
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     log.exception("unhandled error on %s", request.url.path, exc_info=error)
     return _answer(500, ErrorDetail(type="internal_error", message="internal server error"))
@@ -75,4 +86,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestError, _request_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
+    for error in (*STORE_DOWN, OperationalError):  # OperationalError: Celery could not publish
+        app.add_exception_handler(error, _store_down)
     app.add_exception_handler(Exception, _unexpected)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import re
 import time
 from datetime import UTC, datetime
@@ -23,11 +24,9 @@ from service.metrics import JOBS_SUBMITTED
 from worker.queue import JobQueue
 from worker.store import IdempotencyConflict, JobStore
 
-# Poll often while a job may be a fast one (1-step jobs take tens of milliseconds), then slower
-# to spare Redis.
-_FAST_POLL_S = 0.005
-_SLOW_POLL_S = 0.025
-_FAST_FOR_S = 1.0
+# A waiting request is woken by the job's end (`JobStore.watch`); it re-reads the job this often
+# anyway, so that a missed notice delays the answer by at most this much.
+_RECHECK_S = 1.0
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
@@ -61,13 +60,17 @@ def submit(
 
 async def wait(store: JobStore, job_id: str, timeout_s: float) -> JobRecord | None:
     """The job once it is finished, or as it is after `timeout_s`."""
-    start = time.monotonic()
-    while True:
-        record = store.get(job_id)
-        waited = time.monotonic() - start
-        if record is None or record.status.terminal or waited >= timeout_s:
-            return record
-        await asyncio.sleep(_FAST_POLL_S if waited < _FAST_FOR_S else _SLOW_POLL_S)
+    deadline = time.monotonic() + timeout_s
+    # Watch before the first read, so an end between the read and the wait is not missed.
+    with store.watch(job_id) as ended:
+        while True:
+            ended.clear()
+            record = store.get(job_id)
+            remaining = deadline - time.monotonic()
+            if record is None or record.status.terminal or remaining <= 0:
+                return record
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), min(remaining, _RECHECK_S))
 
 
 def prefer_wait(prefer: str | None, cap_s: float) -> float | None:

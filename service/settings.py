@@ -28,7 +28,9 @@ class Settings(BaseSettings):
     )
     slots: int = Field(default=8, ge=1, description="task slots (threads) per worker")
     max_batch_size: int = Field(default=8, ge=1, description="images per pipeline call; 1 = off")
-    max_wait_ms: float = Field(default=5.0, ge=0, description="how long a batch waits for more")
+    max_wait_ms: float = Field(
+        default=5.0, ge=0, description="how long a batch waits for more, while others are in flight"
+    )
     job_ttl_s: int = Field(default=3600, ge=1, description="how long jobs and images are kept")
     job_timeout_s: float = Field(default=300.0, gt=0, description="a job's run time limit")
     visibility_timeout_s: int = Field(

@@ -169,3 +169,27 @@ def test_the_gateway_imports_neither_torch_nor_diffusers() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_a_lone_job_does_not_wait_for_company_but_one_with_company_in_flight_does() -> None:
+    calls: list[list[int]] = []
+    in_flight = 1
+
+    def run(key: BatchKey, requests: list[int]) -> list[int]:
+        calls.append(requests)
+        return requests
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        run, max_batch_size=4, max_wait_ms=2000, in_flight=lambda: in_flight
+    )
+    try:
+        started = time.monotonic()
+        assert batcher.submit(KEY, [1]).result(5) == [1]
+        assert time.monotonic() - started < 1, "a lone job waited for company"
+        in_flight = 2  # another task slot holds a job that is on its way
+        first = batcher.submit(KEY, [2])
+        time.sleep(0.2)
+        assert batcher.submit(KEY, [3]).result(5) == [3] and first.result(5) == [2]
+    finally:
+        batcher.stop()
+    assert calls == [[1], [2, 3]]

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,17 @@ from serving_fixtures import Process, Server, serving_env, start_server, start_w
 
 PROMPT = "a small blue triangle to the left of a large yellow square on a black background"
 SLOW_JOB = {"prompt": PROMPT, "steps": 50}  # a few seconds on one thread: long enough to kill
+
+# A consumer that takes one message the way a Celery worker does (kombu, acks late) and dies
+# before acking or marking the job running: the moment a worker killed between the two leaves.
+TAKE_AND_DIE = """
+import os, sys
+from kombu import Connection
+with Connection(sys.argv[1]) as connection:
+    message = connection.SimpleQueue(sys.argv[2]).get(timeout=30)
+    print(message.delivery_tag, flush=True)
+    os._exit(0)  # no ack, and none of kombu's restore-at-close: as kill -9
+"""
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +82,31 @@ def test_a_job_whose_worker_is_killed_is_completed_by_a_new_worker(
         if second is not None:
             second.stop()
     assert "lost its worker" in second.output()
+
+
+def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_given_back(
+    gateway: Server, db_url: str, tmp_path: Path
+) -> None:
+    worker: Process | None = None
+    with httpx.Client(base_url=gateway.url, timeout=30) as client:
+        job_id = client.post("/v1/generations", json={"prompt": PROMPT, "steps": 1}).json()["id"]
+        subprocess.run(
+            [sys.executable, "-c", TAKE_AND_DIE, db_url, "hypersd.shapes-base"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        assert client.get(f"/v1/generations/{job_id}").json()["status"] == "queued"
+        try:
+            # The broker would redeliver it after its visibility timeout (an hour); the reaper
+            # gives it back once the message is a heartbeat lifetime old.
+            worker = start_worker(db_url, tmp_path / "worker.log", slots=1)
+            job = wait_for(client, job_id, {"succeeded", "failed"}, 90)
+            assert job["status"] == "succeeded", job
+        finally:
+            if worker is not None:
+                worker.stop()
+    assert "taken but never started" in worker.output()
 
 
 def test_sigterm_finishes_the_running_job_then_exits(

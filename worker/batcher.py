@@ -4,6 +4,8 @@ Task threads (Celery's thread pool, or embedded mode's executor) each hand one j
 `MicroBatcher.submit` and wait on the returned future. One batcher thread owns the pipeline: it
 takes the oldest waiting job, gathers compatible ones (same `BatchKey`) until `max_batch_size`
 images or `max_wait_ms` after the first one, runs them as one call and splits the result back.
+It waits for company only while other jobs are in flight (held by other task slots): a lone job,
+as at concurrency 1, starts at once instead of paying `max_wait_ms` for company that never comes.
 This is why no `celery-batches` (whose large prefetch conflicts with prefetch 1) is needed, and
 why the pipeline never runs in two threads at once.
 """
@@ -54,6 +56,10 @@ class MicroBatcher(Generic[Request, Output]):
         max_wait_ms: How long the first job of a batch waits for company. Jobs that arrive while
             a batch runs need no wait: they are already there when the next batch forms.
         on_batch: Called with the key and the size of every batch (for metrics).
+        in_flight: How many jobs the task slots hold now (taken, not finished), the ones already
+            submitted included. A batch waits for company only while some of them are outside
+            it: under load, the jobs other slots are finishing or about to submit. None: always
+            wait.
     """
 
     def __init__(
@@ -63,11 +69,13 @@ class MicroBatcher(Generic[Request, Output]):
         max_batch_size: int,
         max_wait_ms: float,
         on_batch: Callable[[BatchKey, int], None] | None = None,
+        in_flight: Callable[[], int] | None = None,
     ) -> None:
         self._run = run
         self.max_batch_size = max(1, max_batch_size)
         self.max_wait_s = max(0.0, max_wait_ms) / 1000
         self._on_batch = on_batch
+        self._in_flight = in_flight
         self._queue: queue.Queue[_Item[Request, Output] | None] = queue.Queue()
         self._waiting: list[_Item[Request, Output]] = []
         self._stopping = False
@@ -108,6 +116,12 @@ class MicroBatcher(Generic[Request, Output]):
                 continue
             self._run_group(self._gather())
 
+    def _company_possible(self, group: list[_Item[Request, Output]]) -> bool:
+        """Whether a job outside `group` and `_waiting` is in flight (so worth waiting for)."""
+        if self._in_flight is None:
+            return True
+        return self._in_flight() > len(group) + len(self._waiting)
+
     def _gather(self) -> list[_Item[Request, Output]]:
         """The oldest waiting item plus compatible ones, waiting up to max_wait for more."""
         first = self._waiting[0]
@@ -121,7 +135,7 @@ class MicroBatcher(Generic[Request, Output]):
                 size += len(item.requests)
                 self._waiting.remove(item)
         deadline = time.monotonic() + self.max_wait_s
-        while size < self.max_batch_size and not self._stopping:
+        while size < self.max_batch_size and not self._stopping and self._company_possible(group):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._take(remaining):
                 break

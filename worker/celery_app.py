@@ -86,7 +86,7 @@ def run_worker(settings: Settings) -> None:
         runner.info,
         interval_s=settings.heartbeat_interval_s,
         file=settings.heartbeat_file,
-        resubmit=CeleryQueue(app, client).submit,
+        queue=CeleryQueue(app, client),
     )
     heartbeat.start()
     try:

@@ -6,6 +6,11 @@ running job names its worker, and each worker's heartbeat key expires a few beat
 beat; every worker's reaper puts the running jobs of workers without a heartbeat back to queued and
 sends their task again, so a replacement recovers them in seconds. A late redelivery of the old
 message is harmless: only a queued job can be started.
+
+A worker can also die after taking a job's message and before marking the job running; that job
+names no worker, so the reaper finds it from the other side: a message taken a heartbeat lifetime
+ago (a live worker marks its job running within milliseconds) whose job is still queued goes back
+to the head of its queue.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hypersd.contracts import ErrorDetail, JobRecord, JobStatus
+from worker.queue import CeleryQueue
 from worker.store import JobStore, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -59,10 +65,28 @@ def reap(store: JobStore, resubmit: Callable[[JobRecord], None]) -> list[str]:
     return reaped
 
 
-class Heartbeat:
-    """A thread that beats every `interval_s` and, when given `resubmit`, reaps.
+def give_back_unstarted(store: JobStore, queue: CeleryQueue, grace_s: float) -> list[str]:
+    """Return to the queue the messages taken `grace_s` ago or more whose job is still queued.
 
-    A heartbeat lives for three intervals, so one slow beat does not declare a worker dead.
+    A live worker that is merely slow to mark its job running loses nothing: the given-back message
+    is skipped by whoever takes it, since only a queued job starts.
+    """
+    given_back = []
+    for delivery in queue.taken_before(grace_s):
+        record = store.get(delivery.job_id)
+        if record is None or record.status != JobStatus.QUEUED:
+            continue  # running (the lease covers it), or finished and acked soon
+        if queue.give_back(delivery, record.model):
+            log.warning("job %s was taken but never started: given back", delivery.job_id)
+            given_back.append(delivery.job_id)
+    return given_back
+
+
+class Heartbeat:
+    """A thread that beats every `interval_s` and, when given the Celery `queue`, reaps.
+
+    A heartbeat lives for three intervals, so one slow beat does not declare a worker dead; a
+    message is given back after as long.
     """
 
     def __init__(
@@ -72,19 +96,23 @@ class Heartbeat:
         *,
         interval_s: float,
         file: Path | None = None,
-        resubmit: Callable[[JobRecord], None] | None = None,
+        queue: CeleryQueue | None = None,
     ) -> None:
         self.store = store
         self.info = info
         self.interval_s = interval_s
         self.file = file
-        self.resubmit = resubmit
+        self.queue = queue
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
 
+    @property
+    def lifetime_s(self) -> float:
+        return 3 * self.interval_s
+
     def beat(self) -> None:
         info = self.info()
-        self.store.beat(info, ttl=3 * self.interval_s)
+        self.store.beat(info, ttl=self.lifetime_s)
         if self.file is not None:
             self.file.write_text(info.model_dump_json())
 
@@ -96,8 +124,9 @@ class Heartbeat:
         while not self._stop.wait(self.interval_s):
             try:
                 self.beat()
-                if self.resubmit is not None:
-                    reap(self.store, self.resubmit)
+                if self.queue is not None:
+                    reap(self.store, self.queue.submit)
+                    give_back_unstarted(self.store, self.queue, self.lifetime_s)
             except Exception:  # a Redis hiccup must not end the heartbeat thread
                 log.exception("heartbeat failed")
 

@@ -3,7 +3,8 @@
 `JobRunner.run_job(job_id)` is what a task slot calls. It claims the job (queued -> running, so a
 canceled job or a second delivery of the same message never runs), hands its images to the
 micro-batcher, encodes them, stores them with the job TTL and marks the job finished -- unless it
-was canceled meanwhile, in which case the result is discarded.
+was canceled meanwhile, in which case the result is discarded. While Redis is down, the job's store
+writes wait for it to come back: the message stays unacked and the result is kept, not lost.
 """
 
 from __future__ import annotations
@@ -13,15 +14,16 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from hypersd.contracts import ErrorDetail, JobRecord, JobStatus
 from hypersd.registry import ModelSpec
 from worker import metrics
 from worker.batcher import BatchKey, MicroBatcher
-from worker.store import Change, JobStore, WorkerInfo
+from worker.store import STORE_DOWN, Change, JobStore, WorkerInfo
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 _PHASES = ("text_encoding", "denoising", "vae_decode")
+_STORE_RETRY_MAX_S = 1.0  # back-off cap while Redis is down: resume within a second of its return
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,7 @@ class JobRunner:
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
             on_batch=lambda key, size: metrics.BATCH_SIZE.labels(key.model).observe(size),
+            in_flight=lambda: self._busy,
         )
 
     def _run_batch(self, key: BatchKey, requests: list[ImageRequest]) -> list[Generated]:
@@ -156,21 +162,44 @@ class JobRunner:
             self._busy += delta
             metrics.BUSY_SLOTS.labels(self.spec.name).set(self._busy)
 
+    def _stored(self, job_id: str, write: Callable[[], T]) -> T:
+        """`write` to the store, retried until Redis answers again if it is down.
+
+        Waiting is right for a worker: a job's state cannot move on without the store, and a
+        worker that never gets it back fails its liveness probe (no beat) and is replaced.
+        """
+        delay = 0.05
+        while True:
+            try:
+                return write()
+            except STORE_DOWN as error:
+                log.warning("job %s: job store unavailable (%s), retrying", job_id, error)
+                time.sleep(delay)
+                delay = min(2 * delay, _STORE_RETRY_MAX_S)
+
     def run_job(self, job_id: str) -> None:
         """Run one job to its end; never raises (failures are stored on the job)."""
+        # Busy from delivery on, not from the claim: a job on its way to the batcher is company
+        # worth waiting for.
+        self._set_busy(+1)
+        try:
+            self._run_job(job_id)
+        finally:
+            self._set_busy(-1)
+
+    def _run_job(self, job_id: str) -> None:
         from hypersd.pipeline import ImageRequest
 
-        record = self.store.update(job_id, start(self.worker_id))
+        record = self._stored(job_id, lambda: self.store.update(job_id, start(self.worker_id)))
         if record is None:
             log.info("job %s is not queued (canceled, done or expired): skipped", job_id)
             return
         if record.model != self.spec.name:
             error = ErrorDetail(type="wrong_worker", message=f"worker holds {self.spec.name!r}")
-            self.store.update(job_id, finish(self.worker_id, JobStatus.FAILED, error=error))
+            self._fail(job_id, error)
             return
         assert record.started_at is not None
         metrics.QUEUE_WAIT.labels(record.model).observe(record.started_at - record.created_at)
-        self._set_busy(+1)
         try:
             key = BatchKey(
                 record.model,
@@ -189,24 +218,23 @@ class JobRunner:
             timings = {phase: outputs[0].timings[phase] for phase in _PHASES}
             timings["image_encoding"] = time.perf_counter() - encode_start
             timings["total"] = time.time() - record.started_at
-            self.store.put_images(job_id, images)
-            done = self.store.update(
-                job_id, finish(self.worker_id, JobStatus.SUCCEEDED, timings=timings)
-            )
+            self._stored(job_id, lambda: self.store.put_images(job_id, images))
+            succeeded = finish(self.worker_id, JobStatus.SUCCEEDED, timings=timings)
+            done = self._stored(job_id, lambda: self.store.update(job_id, succeeded))
             if done is not None:
                 steps = str(record.steps)
                 for phase, seconds in timings.items():
                     metrics.RUN_TIME.labels(record.model, steps, phase).observe(seconds)
         except FutureTimeout:
             message = f"the job did not finish within {self.job_timeout_s:g} s"
-            error = ErrorDetail(type="timeout", message=message)
-            self.store.update(job_id, finish(self.worker_id, JobStatus.FAILED, error=error))
+            self._fail(job_id, ErrorDetail(type="timeout", message=message))
         except Exception as exc:  # a failed job is reported on the job, not lost in a log
             log.exception("job %s failed", job_id)
-            error = ErrorDetail(type="generation_failed", message=str(exc))
-            self.store.update(job_id, finish(self.worker_id, JobStatus.FAILED, error=error))
-        finally:
-            self._set_busy(-1)
+            self._fail(job_id, ErrorDetail(type="generation_failed", message=str(exc)))
+
+    def _fail(self, job_id: str, error: ErrorDetail) -> None:
+        failed = finish(self.worker_id, JobStatus.FAILED, error=error)
+        self._stored(job_id, lambda: self.store.update(job_id, failed))
 
     def close(self) -> None:
         """Finish the batches already submitted, then stop the batcher."""

@@ -4,14 +4,22 @@ Both the gateway and the workers read and write jobs here, so the gateway answer
 without asking a worker. Every state change is an atomic read-modify-write (`update`), so a cancel,
 a finishing worker and a reaper can race without losing or resurrecting a job. Keys expire after
 the job TTL. The module imports no torch: the gateway uses it too.
+
+A request that waits for its job (`Prefer: wait=N`, the synchronous OpenAI route) is woken when the
+job ends instead of polling: in Redis the change that ends a job also publishes its id on one
+channel, which a gateway thread turns into wake-ups; in memory the update itself wakes the waiters.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
@@ -20,9 +28,16 @@ from pydantic import BaseModel
 
 from hypersd.contracts import JobRecord, JobStatus
 
+log = logging.getLogger(__name__)
+
 Change = Callable[[JobRecord], JobRecord | None]
 
 _PREFIX = "hypersd"
+_FINISHED_CHANNEL = f"{_PREFIX}:finished"
+
+# What a store call raises while Redis is down or restarting (LOADING is a ConnectionError too):
+# the gateway answers 503 and a worker holds a finished job's result until Redis is back.
+STORE_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 
 def _text(value: bytes | str) -> str:
@@ -32,6 +47,41 @@ def _text(value: bytes | str) -> str:
 
 class IdempotencyConflict(Exception):
     """An `Idempotency-Key` was reused with another request body."""
+
+
+class FinishWaiters:
+    """Asyncio waiters on jobs, woken from any thread when a job may have ended."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+
+    @contextlib.contextmanager
+    def watch(self, job_id: str) -> Iterator[asyncio.Event]:
+        """An event set when `job_id` may have ended, for the current event loop."""
+        entry = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            self._waiters.setdefault(job_id, []).append(entry)
+        try:
+            yield entry[1]
+        finally:
+            with self._lock:
+                entries = self._waiters[job_id]
+                entries.remove(entry)
+                if not entries:
+                    del self._waiters[job_id]
+
+    def wake(self, job_id: str | None = None) -> None:
+        """Wake the waiters of `job_id`, or all of them (after notices may have been missed)."""
+        with self._lock:
+            if job_id is None:
+                entries = [entry for group in self._waiters.values() for entry in group]
+            else:
+                entries = list(self._waiters.get(job_id, ()))
+        for loop, event in entries:
+            # The loop may be closing at shutdown; its waiters are gone then.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(event.set)
 
 
 class WorkerInfo(BaseModel):
@@ -68,6 +118,14 @@ class JobStore(Protocol):
         """
         ...
 
+    def watch(self, job_id: str) -> AbstractContextManager[asyncio.Event]:
+        """An event (of the running loop) set when the job may have ended.
+
+        A hint, not a guarantee: re-read the job when it is set, and now and then anyway, since a
+        notice can be missed (e.g. while the store reconnects).
+        """
+        ...
+
     def put_images(self, job_id: str, images: list[bytes]) -> None: ...
 
     def get_image(self, job_id: str, index: int) -> bytes | None: ...
@@ -94,11 +152,19 @@ class JobStore(Protocol):
 
 
 class RedisJobStore:
-    """Jobs as JSON strings (`hypersd:job:<id>`), images as bytes, both with the job TTL."""
+    """Jobs as JSON strings (`hypersd:job:<id>`), images as bytes, both with the job TTL.
+
+    The first `watch` starts a thread listening to the channel of ended jobs (only gateways
+    watch; workers only publish); `close` stops it.
+    """
 
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        self._waiters = FinishWaiters()
+        self._listener: threading.Thread | None = None
+        self._listener_lock = threading.Lock()
+        self._closing = threading.Event()
 
     @staticmethod
     def _job_key(job_id: str) -> str:
@@ -147,10 +213,45 @@ class RedisJobStore:
                 pipe.srem(f"{_PREFIX}:running", job_id)
             if new.status.terminal:
                 pipe.hincrby(f"{_PREFIX}:finished", f"{new.model}\t{new.status}", 1)
+                pipe.publish(_FINISHED_CHANNEL, job_id)
             result.append(new)
 
         self.redis.transaction(transaction, key)
         return result[0] if result else None
+
+    def watch(self, job_id: str) -> AbstractContextManager[asyncio.Event]:
+        with self._listener_lock:
+            if self._listener is None:
+                self._listener = threading.Thread(
+                    target=self._listen, name="job-notices", daemon=True
+                )
+                self._listener.start()
+        return self._waiters.watch(job_id)
+
+    def _listen(self) -> None:
+        """Turn the ended-job channel into wake-ups, resubscribing after Redis comes back."""
+        while not self._closing.is_set():
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(_FINISHED_CHANNEL)
+                # Jobs may have ended while this was not subscribed: let every waiter re-read.
+                self._waiters.wake()
+                while not self._closing.is_set():
+                    message = pubsub.get_message(timeout=1.0)
+                    if message is not None and message["type"] == "message":
+                        self._waiters.wake(_text(message["data"]))
+            except redis.RedisError as error:  # waiters re-read now and then meanwhile
+                log.warning("job notices: %s; resubscribing", error)
+                self._closing.wait(1.0)
+            finally:
+                with contextlib.suppress(redis.RedisError):
+                    pubsub.close()
+
+    def close(self) -> None:
+        """Stop the notice thread (if `watch` started it)."""
+        self._closing.set()
+        if self._listener is not None:
+            self._listener.join()
 
     def put_images(self, job_id: str, images: list[bytes]) -> None:
         with self.redis.pipeline() as pipe:
@@ -217,6 +318,7 @@ class MemoryJobStore:
         self._idempotency: dict[str, tuple[str, str]] = {}
         self._finished: Counter[tuple[str, str]] = Counter()
         self._workers: dict[str, tuple[WorkerInfo, float]] = {}
+        self._waiters = FinishWaiters()
 
     def _expire(self) -> None:
         """Drop jobs older than twice the TTL, as Redis does (called under the lock)."""
@@ -252,7 +354,12 @@ class MemoryJobStore:
                 self._jobs[job_id] = new
                 if new.status.terminal:
                     self._finished[(new.model, new.status.value)] += 1
-            return new
+        if new is not None and new.status.terminal:
+            self._waiters.wake(job_id)
+        return new
+
+    def watch(self, job_id: str) -> AbstractContextManager[asyncio.Event]:
+        return self._waiters.watch(job_id)
 
     def put_images(self, job_id: str, images: list[bytes]) -> None:
         for index, data in enumerate(images):
