@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test lint install eval-base
+.PHONY: run test lint install eval-base distill-shapes ship-shapes table
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -42,3 +42,27 @@ eval-base: $(VENV)/.installed
 	$(VENV)/bin/hypersd-train eval-summary runs/eval/renders runs/eval/reconstructions \
 		runs/eval/base-25-g1.5 runs/eval/base-25-g2 runs/eval/base-25-g3 runs/eval/base-25-g5 \
 		runs/eval/base-1-g2 runs/eval/base-2-g2 runs/eval/base-4-g2 runs/eval/base-8-g2
+
+# The Hyper-SD pipeline on the Shapes base model, one stage after the other (each resumable):
+# TSCD 8->4->2->1, the LCM-LoRA baseline, the alignment reward network, feedback, DMD.
+TRAIN := $(VENV)/bin/hypersd-train
+distill-shapes: $(VENV)/.installed
+	$(TRAIN) tscd --config training/configs/tscd-shapes.yaml
+	$(TRAIN) lcm --config training/configs/lcm-shapes.yaml
+	test -f models/shapes-alignment/model.safetensors || \
+		$(TRAIN) attributes --config training/configs/alignment.yaml
+	$(TRAIN) feedback --config training/configs/feedback-shapes.yaml
+	$(TRAIN) dmd --config training/configs/dmd-shapes.yaml
+
+# Copy the distilled LoRAs from runs/ into models/ (fp16 diffusers files; registry.toml names them).
+SHIP := $(PY) -m training.lora_export
+ship-shapes: $(VENV)/.installed
+	for k in 1 2 4 8; do $(SHIP) runs/tscd-shapes/k$$k/shapes-hyper-$${k}step.safetensors \
+		models/shapes-hyper/tscd-$${k}step.safetensors; done
+	$(SHIP) runs/feedback-shapes/shapes-hyper-feedback.safetensors models/shapes-hyper/feedback.safetensors
+	$(SHIP) runs/dmd-shapes/shapes-hyper-dmd.safetensors models/shapes-hyper/dmd.safetensors
+	$(SHIP) runs/lcm-shapes/lcm/shapes-lcm.safetensors models/shapes-hyper/lcm.safetensors
+
+# The paper's table (README): teacher, LCM, TSCD, + feedback, + DMD at 1/2/4/8 steps.
+table: $(VENV)/.installed
+	$(TRAIN) table --config training/configs/table-shapes.yaml

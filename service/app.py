@@ -57,7 +57,11 @@ async def _gateway_only(settings: Settings, registry: Registry) -> AsyncIterator
     store = RedisJobStore(client, settings.job_ttl_s)
     try:
         queue = CeleryQueue(create_celery(settings), client)
-        yield Services(settings, registry, store, queue, served=registry.names)
+        served = settings.served_models or registry.names
+        unknown = [name for name in served if name not in registry.names]
+        if unknown:
+            raise ValueError(f"HYPERSD_SERVED_MODELS names models not in the registry: {unknown}")
+        yield Services(settings, registry, store, queue, served=served)
     finally:
         store.close()
         client.close()

@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     model: str | None = Field(
         default=None, description="the model a worker (or embedded mode) serves; default: default"
     )
+    served_models: list[str] | None = Field(
+        default=None,
+        description="the models this deployment runs workers for, checked by /readyz "
+        "(JSON list, e.g. '[\"shapes-hyper-1step\"]'); default: every registry model",
+    )
     slots: int = Field(default=8, ge=1, description="task slots (threads) per worker")
     max_batch_size: int = Field(default=8, ge=1, description="images per pipeline call; 1 = off")
     max_wait_ms: float = Field(

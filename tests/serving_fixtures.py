@@ -90,6 +90,8 @@ def serving_env(**settings: str | int | float) -> dict[str, str]:
         "HYPERSD_TORCH_THREADS": "1",
         "HYPERSD_REGISTRY": str(SHIPPED_REGISTRY),
         "HYPERSD_HEARTBEAT_INTERVAL_S": "0.5",
+        # the tests run workers for the default model only
+        "HYPERSD_SERVED_MODELS": '["shapes-base"]',
     }
     env |= {f"HYPERSD_{key.upper()}": str(value) for key, value in settings.items()}
     return env

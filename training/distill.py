@@ -22,8 +22,20 @@ A stage whose ``lora.safetensors`` exists is done and skipped; ``stop_after`` en
 Data interface (``load_data``): any source that yields (RGB image, caption) pairs, centre-cropped
 to ``resolution``; ``data=shapes`` renders the Shapes world, ``data=folder`` reads
 ``<stem>.png|jpg|webp`` + ``<stem>.txt`` pairs from ``data_path``, ``data=webdataset`` the same
-pairs from ``.tar`` shards. Each source is encoded to latents once; a parquet reader (it needs
-pyarrow) slots in beside them.
+pairs from ``.tar`` shards, ``data=parquet`` rows of ``image_column`` (encoded image bytes, or
+Hugging Face datasets' ``{bytes, path}`` struct) and ``caption_column`` from one ``.parquet``
+file or a folder of them (pyarrow, the ``training`` extra). Each source is encoded to latents once.
+
+Several GPUs or nodes: the same command under ``accelerate launch``, e.g.
+
+    accelerate launch --multi_gpu --num_processes 8 -m training.cli tscd --config FILE
+
+trains data-parallel: each process draws its own ``batch_size`` batches (the global batch is
+``batch_size x processes``) and the LoRA (and discriminator heads) gradients are averaged over
+processes every step, so every process holds the same weights. Only the main process writes the
+log, checkpoints, sample grids and exports; ``out_dir`` must be on storage every node sees.
+With ``device=cpu`` the processes are CPU ones talking over gloo (how the tests run it;
+accelerate's ``--cpu`` flag alone starts one process). Without the launcher: one process.
 """
 
 from __future__ import annotations
@@ -41,6 +53,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
@@ -96,8 +110,10 @@ class DistillConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     # data
-    data: str = "shapes"  # shapes | folder | webdataset
-    data_path: str | None = None  # the folder (<stem>.png + .txt) or .tar shard(s)
+    data: str = "shapes"  # shapes | folder | webdataset | parquet
+    data_path: str | None = None  # the folder (<stem>.png + .txt), .tar or .parquet file(s)
+    image_column: str = "image"  # data=parquet: encoded bytes, or a struct with a bytes field
+    caption_column: str = "text"  # data=parquet
     train_images: int = 20_000  # Shapes renders (data=shapes)
     resolution: int = 64
     # LoRA
@@ -238,18 +254,85 @@ def _webdataset_pairs(cfg: DistillConfig) -> tuple[np.ndarray, list[str]]:
     return np.stack(images), captions
 
 
+def _parquet_pairs(cfg: DistillConfig) -> tuple[np.ndarray, list[str]]:
+    """``data=parquet``: one ``.parquet`` file or a folder of them, a batch of rows at a time.
+
+    ``image_column`` holds encoded images: bytes, or a struct with a ``bytes`` field (Hugging
+    Face datasets' Image feature); rows without image bytes or caption are skipped.
+    """
+    # imported here: pyarrow is the training extra's, only this source needs it
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if cfg.data_path is None:
+        raise ValueError("data=parquet needs data_path=<a .parquet file or a folder of them>")
+    source = Path(cfg.data_path)
+    files = sorted(source.glob("*.parquet")) if source.is_dir() else [source]
+    images, captions = [], []
+    for file in files:
+        parquet = pq.ParquetFile(file)
+        schema = parquet.schema_arrow
+        for key, column in (
+            ("image_column", cfg.image_column),
+            ("caption_column", cfg.caption_column),
+        ):
+            if column not in schema.names:
+                raise ValueError(
+                    f"{file} has no column {column!r} ({key}); its columns: "
+                    + ", ".join(schema.names)
+                )
+        kind = schema.field(cfg.image_column).type
+        if not (
+            pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind)
+            or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)
+        ):
+            raise ValueError(
+                f"{file}: image_column {cfg.image_column!r} is {kind}, not image bytes "
+                "or a struct with a bytes field"
+            )
+        # batches, so that a large file is never read whole
+        for batch in parquet.iter_batches(
+            batch_size=256, columns=list(dict.fromkeys([cfg.image_column, cfg.caption_column]))
+        ):
+            rows = zip(
+                batch.column(cfg.image_column).to_pylist(),
+                batch.column(cfg.caption_column).to_pylist(),
+                strict=True,
+            )
+            for image, caption in rows:
+                data = image.get("bytes") if isinstance(image, dict) else image
+                if data is None or caption is None:
+                    continue
+                images.append(_square(Image.open(io.BytesIO(data)), cfg.resolution))
+                captions.append(str(caption).strip())
+    if not images:
+        raise ValueError(f"no rows with image bytes and a caption in {source}")
+    return np.stack(images), captions
+
+
 def load_data(
-    cfg: DistillConfig, pipe: SDPipeline, device: torch.device
+    cfg: DistillConfig, pipe: SDPipeline, device: torch.device, write_cache: bool = True
 ) -> tuple[torch.Tensor, list[str]]:
     """Scaled VAE latents ``(N, C, h, w)`` and their captions, encoded once and cached.
 
     The cache's name hashes the data settings and the VAE's scaling factor, so a changed source
-    is encoded again.
+    is encoded again. Under a launcher every process encodes a missing cache itself (no process
+    waits out another's encoding at a barrier, which may time out) and only the main one writes
+    it (``write_cache``).
     """
-    key = json.dumps(
-        [cfg.data, cfg.data_path, cfg.train_images, cfg.resolution, cfg.seed, cfg.teacher]
-    )
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    settings: list[Any] = [
+        cfg.data,
+        cfg.data_path,
+        cfg.train_images,
+        cfg.resolution,
+        cfg.seed,
+        cfg.teacher,
+    ]
+    if cfg.data == "parquet":
+        # only here: the other sources' cache names (and so running jobs' caches) stay as they were
+        settings += [cfg.image_column, cfg.caption_column]
+    digest = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:12]
     path = Path(cfg.out_dir) / "data" / f"latents-{digest}.safetensors"
     if path.exists():
         cached = load_file(str(path))
@@ -261,8 +344,12 @@ def load_data(
         images, captions = _folder_pairs(cfg)
     elif cfg.data == "webdataset":
         images, captions = _webdataset_pairs(cfg)
+    elif cfg.data == "parquet":
+        images, captions = _parquet_pairs(cfg)
     else:
-        raise ValueError(f"data must be 'shapes', 'folder' or 'webdataset', got {cfg.data!r}")
+        raise ValueError(
+            f"data must be 'shapes', 'folder', 'webdataset' or 'parquet', got {cfg.data!r}"
+        )
     vae = pipe.vae
     scale = float(vae.config["scaling_factor"])
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -272,9 +359,13 @@ def load_data(
             posterior = vae.encode(batch.to(device, vae.dtype)).latent_dist
             chunks.append((posterior.mean * scale).float().cpu())
     latents = torch.cat(chunks).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"latents": latents}, str(path))
-    path.with_suffix(".json").write_text(json.dumps(captions))
+    if write_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".json").write_text(json.dumps(captions))
+        # the latents last and renamed into place: their presence means a complete cache
+        partial = path.with_suffix(".partial")
+        save_file({"latents": latents}, str(partial))
+        partial.replace(path)
     return latents, captions
 
 
@@ -475,6 +566,38 @@ def initial_lora(cfg: DistillConfig, method: Method, index: int) -> Path | None:
 # 3. the loop
 
 
+def loop_seed(cfg: DistillConfig, k: int, step: int, rank: int) -> int:
+    """The loop's generator seed: per stage and start step, and per process under a launcher.
+
+    Rank 0 keeps the single-process seed; every other rank hashes it with its index, so that
+    each process draws its own batches and noise. A hash, not an offset: torch's CPU generator
+    keeps only a seed's low 32 bits, so an offset above them would change nothing.
+    """
+    seed = cfg.seed * 1000 + 17 * k + step
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def average_gradients(accelerator: Accelerator, params: Sequence[torch.nn.Parameter]) -> None:
+    """Replace every process's gradients of ``params`` by their mean over processes.
+
+    Data parallelism without DDP: the student stays the plain peft UNet that the objectives,
+    the SDXL conditioning hooks, the online target and the sampler all use, and the discriminator
+    heads' gradients are averaged only for their own step (DDP would also all-reduce the ones
+    the student's adversarial loss leaves on them, which are dropped). One flat all-reduce per
+    step does what DDP's would: with equal starting weights and equal mean gradients, every
+    process's clipped AdamW step (and so its EMA target) is the same. A no-op in one process.
+    """
+    if accelerator.num_processes == 1:
+        return
+    # a parameter without a gradient joins as zeros: every process must send the same sizes
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    mean = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    for p, g in zip(params, mean.split([g.numel() for g in grads]), strict=True):
+        p.grad = g.view_as(p)
+
+
 def lr_at(step: int, base: float, warmup: int) -> float:
     """Linear warm-up, then constant (the LCM scripts' schedule)."""
     return base * min(1.0, (step + 1) / max(1, warmup))
@@ -547,8 +670,14 @@ def train_stage(
     data: tuple[torch.Tensor, list[str]],
     device: torch.device,
     log: RunLog,
+    accelerator: Accelerator,
 ) -> bool:
-    """Train stage ``index`` (k = ``cfg.stages[index]``) to its end; False if stopped early."""
+    """Train stage ``index`` (k = ``cfg.stages[index]``) to its end; False if stopped early.
+
+    Under a launcher every process runs this with its own batches (``average_gradients``); only
+    the main process logs, checkpoints and samples.
+    """
+    main = accelerator.is_main_process
     k = cfg.stages[index] if method == "tscd" else 1
     folder = stage_dir(cfg, method, k)
     total = stage_steps(cfg, index)
@@ -563,7 +692,7 @@ def train_stage(
     start = initial_lora(cfg, method, index)
     if start is not None:
         load_lora_into(student, read_lora(start))
-        print(f"{folder.name}: LoRA initialised from {start}")
+        accelerator.print(f"{folder.name}: LoRA initialised from {start}")
     ema_update(target_params, student_params, 0.0)  # target = student at the stage's start
     optimizer = torch.optim.AdamW(student_params, lr=cfg.lr, weight_decay=0.0)
     weight = adversarial_weight(k) * cfg.adversarial_scale if method == "tscd" else 0.0
@@ -590,7 +719,10 @@ def train_stage(
     checkpoint = folder / "checkpoint"
     if (checkpoint / "state.json").exists():
         step = load_checkpoint(checkpoint, modules=modules, optimizers=optimizers)["step"]
-        print(f"{folder.name}: resumed from {checkpoint} at step {step}")
+        accelerator.print(f"{folder.name}: resumed from {checkpoint} at step {step}")
+    if accelerator.num_processes > 1:
+        # what DDP does on wrapping: every process starts from the main process's weights
+        broadcast([p.data for module in modules.values() for p in module.parameters()])
 
     empty = models.encode([""])
     guidance = tuple(cfg.guidance_range)
@@ -598,29 +730,33 @@ def train_stage(
     distance_kind: Distance = "huber" if cfg.distance == "huber" else "mse"
     if cfg.distance not in ("mse", "huber"):
         raise ValueError(f"distance must be 'mse' or 'huber', got {cfg.distance!r}")
-    generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + 17 * k + step)
-    cpu_generator = torch.Generator().manual_seed(cfg.seed * 1000 + 17 * k + step)
+    seed = loop_seed(cfg, k, step, accelerator.process_index)
+    # noise on the training device; batch indices on the CPU, where the cached latents are
+    generator = torch.Generator(device).manual_seed(seed)
+    cpu_generator = torch.Generator().manual_seed(seed)
     sample_captions = (
         fixed_captions(cfg.sample_count) if cfg.data == "shapes" else captions[: cfg.sample_count]
     )
     online = cfg.target == "online"
-    if cfg.mixed_precision not in ("no", "bf16"):
-        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
-    bf16 = cfg.mixed_precision == "bf16"
     stopped_at = step + cfg.stop_after if cfg.stop_after else None
-    progress = tqdm(range(step, total), desc=folder.name, initial=step, total=total)
+    progress = tqdm(
+        range(step, total), desc=folder.name, initial=step, total=total, disable=not main
+    )
     for step in progress:
         if stopped_at is not None and step >= stopped_at:
             progress.close()
-            save_checkpoint(
-                checkpoint,
-                step=step,
-                config=config_to_dict(cfg),
-                modules=modules,
-                optimizers=optimizers,
-                extra={"method": method, "k": k},
+            if main:
+                save_checkpoint(
+                    checkpoint,
+                    step=step,
+                    config=config_to_dict(cfg),
+                    modules=modules,
+                    optimizers=optimizers,
+                    extra={"method": method, "k": k},
+                )
+            accelerator.print(
+                f"{folder.name}: stopped at step {step} (stop_after); rerun to resume"
             )
-            print(f"{folder.name}: stopped at step {step} (stop_after); rerun to resume")
             return False
         # 1. a batch of latents and captions (the frozen text encoders run here)
         index_batch = torch.randint(0, len(captions), (cfg.batch_size,), generator=cpu_generator)
@@ -631,9 +767,9 @@ def train_stage(
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps)
         # 2. the student's step: consistency distance (+ adversarial generator loss)
         target_net = student if online else target
-        autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
         prediction = None
-        with autocast:
+        # cfg.mixed_precision, through the Accelerator (bf16 autocast, or nothing)
+        with accelerator.autocast():
             if method == "tscd":
                 # made once: the student's loss and the discriminator's step share it
                 prediction = tscd_predict(
@@ -686,6 +822,7 @@ def train_stage(
                 )
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        average_gradients(accelerator, student_params)
         torch.nn.utils.clip_grad_norm_(student_params, cfg.grad_clip)
         optimizer.step()
         if not online:
@@ -695,7 +832,7 @@ def train_stage(
         disc_step = use_disc and step % cfg.disc_every == 0
         if disc_step and discriminator is not None and disc_optimizer is not None:
             assert prediction is not None
-            with autocast:
+            with accelerator.autocast():
                 disc_losses = tscd_discriminator_losses(
                     discriminator,
                     prediction,
@@ -709,13 +846,21 @@ def train_stage(
             # the generator loss left gradients on the heads: zero_grad drops them
             disc_optimizer.zero_grad(set_to_none=True)
             disc_losses["loss"].backward()
+            average_gradients(accelerator, list(discriminator.heads.parameters()))
             disc_optimizer.step()
             values |= {f"disc/{key}": float(v.detach()) for key, v in disc_losses.items()}
         # 4. log, checkpoint, sample
         if step % cfg.log_every == 0 or step + 1 == total:
+            if accelerator.num_processes > 1:
+                # the logged losses are the global batch's: the mean over processes
+                means = accelerator.reduce(
+                    torch.tensor(list(values.values()), device=device), reduction="mean"
+                )
+                values = dict(zip(values, means.tolist(), strict=True))
             progress.set_postfix(loss=f"{values['student/loss']:.4f}")
-            log.write(folder.name, step, values)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == total:
+            if main:
+                log.write(folder.name, step, values)
+        if main and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == total):
             save_checkpoint(
                 checkpoint,
                 step=step + 1,
@@ -724,10 +869,11 @@ def train_stage(
                 optimizers=optimizers,
                 extra={"method": method, "k": k},
             )
-        if cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < total:
+        if main and cfg.sample_every and (step + 1) % cfg.sample_every == 0 and step + 1 < total:
             path = folder / "samples" / f"step-{step + 1:06d}.png"
             write_samples(cfg, method, models, k, sample_captions, path)
-    write_samples(cfg, method, models, k, sample_captions, folder / "samples" / "final.png")
+    if main:
+        write_samples(cfg, method, models, k, sample_captions, folder / "samples" / "final.png")
     return True
 
 
@@ -799,6 +945,26 @@ def export_checkpoint(cfg: DistillConfig, method: Method) -> Path:
     raise ValueError(f"no unfinished stage with a checkpoint under {cfg.out_dir}")
 
 
+def make_accelerator(cfg: DistillConfig) -> tuple[Accelerator, torch.device]:
+    """This process's Accelerator and training device.
+
+    One plain process trains on ``cfg.device`` (``cuda:N`` included); under ``accelerate
+    launch`` each process takes the device the launcher gave it, of ``cfg.device``'s type.
+    accelerate's state is one per process: a second run in the same process must keep the
+    device type and ``mixed_precision``.
+    """
+    device = resolve_device(cfg.device)
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=cfg.mixed_precision)
+    if accelerator.device.type != device.type:
+        raise ValueError(
+            f"device={cfg.device} but this process's accelerate state is on "
+            f"{accelerator.device} (--cpu, or an earlier run in the same process)"
+        )
+    if accelerator.num_processes > 1:
+        device = accelerator.device
+    return accelerator, device
+
+
 def run(cfg: DistillConfig, method: Method) -> dict[int, Path]:
     """Run every stage not yet done; returns {k: the stage's diffusers LoRA file} of done ones."""
     if cfg.threads:
@@ -808,10 +974,14 @@ def run(cfg: DistillConfig, method: Method) -> dict[int, Path]:
         cfg = replace(cfg, stages=(1,))
     if cfg.target not in ("ema", "online"):
         raise ValueError(f"target must be 'ema' or 'online', got {cfg.target!r}")
-    device = resolve_device(cfg.device)
+    if cfg.mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
+    accelerator, device = make_accelerator(cfg)
+    main = accelerator.is_main_process
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{method}-config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{method}-config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     log = RunLog(out / "log.jsonl")
 
     pending = [
@@ -822,13 +992,18 @@ def run(cfg: DistillConfig, method: Method) -> dict[int, Path]:
     if pending:
         pipe = load_teacher(cfg.teacher, cfg.registry)
         models = build_models(cfg, pipe, device, cfg.adversarial and method == "tscd")
-        data = load_data(cfg, pipe, device)
+        data = load_data(cfg, pipe, device, write_cache=main)
         for index in pending:
             k = cfg.stages[index]
-            if not train_stage(cfg, method, index, models, data, device, log):
+            if not train_stage(cfg, method, index, models, data, device, log, accelerator):
                 break
-            entry = export_stage(cfg, method, k, models)
-            print(f"stage {stage_dir(cfg, method, k).name} done; registry entry:\n{entry}")
+            if main:
+                entry = export_stage(cfg, method, k, models)
+                print(f"stage {stage_dir(cfg, method, k).name} done; registry entry:\n{entry}")
+            # the next stage starts from this LoRA file, in every process
+            accelerator.wait_for_everyone()
+    # every process reports the same stages done, after the main one's last writes
+    accelerator.wait_for_everyone()
     done = {}
     entries = []
     for k in cfg.stages:
@@ -836,7 +1011,7 @@ def run(cfg: DistillConfig, method: Method) -> dict[int, Path]:
         if (folder / "lora.safetensors").exists():
             done[k] = folder / f"{stage_names(method, k, cfg)}.safetensors"
             entries.append((folder / "registry.toml").read_text())
-    if entries:
+    if entries and main:
         (out / f"{method}-registry.toml").write_text("\n".join(entries))
     return done
 

@@ -155,3 +155,27 @@ def registry_entry(
         + ", ".join(f'{{ name = "{lora}", path = "{file}" }}' for lora, file in loras)
         + "]\n"
     )
+
+
+def save_half(source: str | Path, destination: str | Path) -> Path:
+    """A copy of a LoRA file with its float tensors in fp16 (metadata kept): half the bytes to
+    ship; loaders cast the weights to the pipeline's dtype."""
+    from safetensors import safe_open
+
+    with safe_open(str(source), framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
+    half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    save_file(half, str(destination), metadata=metadata)
+    return destination
+
+
+if __name__ == "__main__":
+    import sys
+
+    # python -m training.lora_export SOURCE DESTINATION: ship a LoRA in fp16 (Makefile: ship-shapes)
+    if len(sys.argv) != 3:
+        raise SystemExit("usage: python -m training.lora_export SOURCE DESTINATION (.safetensors)")
+    print(save_half(sys.argv[1], sys.argv[2]))

@@ -1,0 +1,64 @@
+"""``hypersd-train table``: cells measured through the registry, cached, tabled and checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from training import table
+from training.table import Row, TableConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_rows_parse_and_refuse_bad_ones() -> None:
+    one = Row.parse({"label": "T", "model": "m", "steps": [1, 25], "guidance": 2})
+    assert one.models == {1: "m", 25: "m"} and one.guidance == 2.0
+    per_step = Row.parse({"label": "S", "model": {1: "a", 2: "b"}})
+    assert per_step.models == {1: "a", 2: "b"} and per_step.guidance is None
+    with pytest.raises(ValueError, match="no model for steps"):
+        Row.parse({"label": "S", "model": {1: "a"}, "steps": [1, 4]})
+    with pytest.raises(ValueError, match="steps is required"):
+        Row.parse({"label": "S", "model": "a"})
+    with pytest.raises(ValueError, match="allowed keys"):
+        Row.parse({"label": "S", "model": "a", "steps": [1], "colour": "red"})
+
+
+def test_table_on_the_shipped_model(tmp_path: Path) -> None:
+    config = {
+        "registry": str(ROOT / "models" / "registry.toml"),
+        "captions": 4,
+        "out": str(tmp_path / "table"),
+        "final": "Fast",
+        "baselines": ["Slow"],
+        "teacher": "Teacher",
+        "threads": 1,
+        "device": "cpu",
+        "rows": [
+            {"label": "Teacher", "model": "shapes-base", "steps": [1, 25], "guidance": 2.0},
+            {"label": "Slow", "model": "shapes-base", "steps": [1], "guidance": 5.0},
+            {"label": "Fast", "model": {1: "shapes-base"}, "guidance": 2.0},
+        ],
+    }
+    path = tmp_path / "table.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert table.main(["--config", str(path)]) == 0
+    out = tmp_path / "table"
+    text = (out / "table.md").read_text()
+    for label in ("| Teacher |", "| Slow |", "| Fast |", "Prompt adherence", "FID", "reward"):
+        assert label in text
+    # "Fast" is the teacher's own 1-step cell: the claim lines are computed, not asserted
+    assert "- Fast beats Slow at 1 step(s):" in text
+    assert "- Fast at 1 step reaches >= 90% of the teacher's 25-step adherence: NO" in text
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (4 * 64, 4 * 64)  # 4 captions wide, one strip per cell of the table
+    # cells are cached: a second run measures nothing again
+    cells = sorted((out / "cells").glob("*.json"))
+    assert len(cells) == 3  # Fast @ 1 and Teacher @ 1 share a cell (same model, steps, guidance)
+    stamps = [c.stat().st_mtime_ns for c in cells]
+    results = table.run(TableConfig.load(path))
+    assert [c.stat().st_mtime_ns for c in cells] == stamps
+    assert results["Fast"][1] == results["Teacher"][1]
