@@ -171,8 +171,32 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
         run(tiny_config("x", tmp_path, structure_window=(1, 2, 3)), "feedback")
 
 
+def test_shapes_base_model(tmp_path: Path) -> None:
+    """Both stages on the shipped Shapes base model, with the structure loss on its renders."""
+    torch.set_num_threads(1)
+    feedback = tiny_config(
+        ROOT / "models" / "shapes-base", tmp_path / "feedback", lora_targets=("to_q", "to_v")
+    )
+    first = run(feedback, "feedback")
+    assert first is not None and (tmp_path / "feedback" / "final.png").exists()
+    dmd = tiny_config(
+        ROOT / "models" / "shapes-base",
+        tmp_path / "dmd",
+        lora_targets=("to_q", "to_v"),
+        start_loras=(str(first),),
+        export_name="shapes-dmd",
+    )
+    assert run(dmd, "dmd") is not None
+    lines = log_lines(tmp_path / "dmd")
+    assert all(line["student/structure"] > 0 and line["student/dmd"] > 0 for line in lines)
+
+
 def test_configs_and_cli() -> None:
-    for name in ("feedback-shapes", "dmd-shapes", "sd15-feedback"):
+    names = ("feedback-shapes", "dmd-shapes")
+    names += tuple(
+        f"{family}-{stage}" for family in ("sd15", "sdxl") for stage in ("feedback", "dmd")
+    )
+    for name in names:
         cfg = load_config(EnhanceConfig, ROOT / "training" / "configs" / f"{name}.yaml")
         assert cfg.steps > 0
     assert {"feedback", "dmd", "table"} <= set(cli.STAGES)

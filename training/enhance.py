@@ -118,6 +118,9 @@ class EnhanceConfig:
     fake_rank: int = 32
     fake_lr: float = 1e-4
     fake_updates: int = 3  # fake-score updates per student update
+    # memory / speed (weights stay fp32; autocast runs the networks in bf16)
+    mixed_precision: str = "no"  # no | bf16
+    gradient_checkpointing: bool = False
     # bookkeeping
     log_every: int = 10
     checkpoint_every: int = 50
@@ -175,6 +178,8 @@ def build_models(cfg: EnhanceConfig, method: Method, device: torch.device) -> Mo
             target_modules=list(cfg.lora_targets),
         )
     )
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
     student.train()
     fake_score = None
     if method == "dmd":
@@ -401,6 +406,7 @@ def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.devi
     empty = models.encode([""])
     generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + step)
     stop_at = step + cfg.stop_after if cfg.stop_after else None
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
 
     def save(done: int) -> None:
         save_checkpoint(
@@ -428,11 +434,16 @@ def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.devi
         if models.fake_score is not None and fake_optimizer is not None:
             for _ in range(cfg.fake_updates):
                 noise = torch.randn(batch.latent_shape, generator=generator, device=device)
-                with torch.no_grad():
+                with torch.no_grad(), autocast:
                     generated = one_step(models.student, noise, text, models.alphas_cumprod)
-                fake = fake_score_losses(
-                    models.fake_score, generated, models.alphas_cumprod, text, generator=generator
-                )
+                with autocast:
+                    fake = fake_score_losses(
+                        models.fake_score,
+                        generated,
+                        models.alphas_cumprod,
+                        text,
+                        generator=generator,
+                    )
                 fake_optimizer.zero_grad(set_to_none=True)
                 fake["loss"].backward()
                 fake_optimizer.step()
@@ -440,7 +451,8 @@ def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.devi
         # 3. the student's update
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        losses = student_losses(cfg, method, models, rewards, batch, text, empty, generator)
+        with autocast:
+            losses = student_losses(cfg, method, models, rewards, batch, text, empty, generator)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(student_params, cfg.grad_clip)
@@ -502,6 +514,8 @@ def run(cfg: EnhanceConfig, method: Method) -> Path | None:
     if cfg.prompts is not None and cfg.structure_weight > 0:
         print("structure loss off: it needs rendered Shapes scenes, not a prompts file")
         cfg = replace(cfg, structure_weight=0.0)
+    if cfg.mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
     if len(cfg.structure_window) != 2:
         raise ValueError("structure_window needs two timesteps: [low, high]")
     if cfg.threads:
