@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from test_objectives_solvers import AC, FixedX0Net, tiny_unet
 
 from training.objectives.adversarial import TeacherFeatureDiscriminator
-from training.objectives.solvers import add_noise
+from training.objectives.solvers import Distance, add_noise
 from training.objectives.tscd import (
     TSCDTimesteps,
     ema_update,
@@ -156,15 +156,19 @@ def test_oracle_networks_have_zero_loss_and_the_target_is_carried_to_t_end() -> 
 def test_tscd_loss_terms_and_distance_kinds() -> None:
     latents = torch.randn(2, 4, 8, 8)
     oracle = FixedX0Net(latents, AC)
-    common: dict[str, Any] = {"k": 2, "skip": 25, "generator": torch.Generator().manual_seed(0)}
-    zero = tscd_losses(oracle, oracle, oracle, AC, latents, torch.zeros(2, 5, 32), **common)
+    cond = torch.zeros(2, 5, 32)
+
+    def losses_of(student: FixedX0Net, kind: Distance = "mse") -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(0)
+        p = tscd_predict(student, oracle, oracle, AC, latents, cond, k=2, skip=25)
+        return tscd_losses(p, latents, cond, AC, k=2, distance_kind=kind, generator=generator)
+
+    zero = losses_of(oracle)
     assert float(zero["loss"]) < 1e-8 and set(zero) >= {"loss", "distance", "t_n", "t_end"}
     off = FixedX0Net(latents + 1.0, AC)
-    for kind in ("mse", "huber"):
-        common["generator"] = torch.Generator().manual_seed(0)
-        losses = tscd_losses(
-            off, oracle, oracle, AC, latents, torch.zeros(2, 5, 32), distance_kind=kind, **common
-        )
+    kinds: tuple[Distance, ...] = ("mse", "huber")
+    for kind in kinds:
+        losses = losses_of(off, kind)
         assert float(losses["loss"]) > 0 and all(v.dim() == 0 for v in losses.values())
 
 
@@ -178,7 +182,8 @@ def test_backward_reaches_only_the_student() -> None:
     target = copy.deepcopy(student)
     _requires_grad_everywhere(student, teacher, target)
     latents, cond, uncond = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32), torch.randn(1, 5, 32)
-    losses = tscd_losses(
+    generator = torch.Generator().manual_seed(0)
+    prediction = tscd_predict(
         student,
         target,
         teacher,
@@ -189,10 +194,10 @@ def test_backward_reaches_only_the_student() -> None:
         skip=25,
         uncond_hidden_states=uncond,
         guidance_range=(2.0, 6.0),
-        distance_kind="huber",
         noise_offset=0.1,
-        generator=torch.Generator().manual_seed(0),
+        generator=generator,
     )
+    losses = tscd_losses(prediction, latents, cond, AC, k=4, distance_kind="huber")
     losses["loss"].backward()
     assert 2.0 <= float(losses["guidance"]) <= 6.0
     assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in student.parameters())
@@ -205,18 +210,17 @@ def test_adversarial_term_trains_the_student_through_the_frozen_teacher() -> Non
     discriminator = TeacherFeatureDiscriminator(teacher, hidden_channels=16)
     _requires_grad_everywhere(student, target)
     latents, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    generator = torch.Generator().manual_seed(0)
+    prediction = tscd_predict(student, target, teacher, AC, latents, cond, k=1, skip=25)
     losses = tscd_losses(
-        student,
-        target,
-        teacher,
-        AC,
+        prediction,
         latents,
         cond,
+        AC,
         k=1,
-        skip=25,
         discriminator=discriminator,
         adversarial_weight=0.5,
-        generator=torch.Generator().manual_seed(0),
+        generator=generator,
     )
     expected = losses["distance"] + 0.5 * losses["adversarial"]
     assert float(losses["loss"].detach()) == pytest.approx(float(expected), rel=1e-5)

@@ -788,21 +788,17 @@ def train_stage(
                     generator=generator,
                 )
                 losses = tscd_losses(
-                    student,
-                    target_net,
-                    models.teacher,
-                    models.alphas_cumprod,
+                    prediction,
                     batch,
                     text,
+                    models.alphas_cumprod,
                     k=k,
-                    skip=cfg.skip,
                     distance_kind=distance_kind,
                     huber_c=cfg.huber_c,
                     final_alpha_cumprod=models.final_alpha_cumprod,
                     discriminator=discriminator if use_disc else None,
                     adversarial_weight=weight,
                     generator=generator,
-                    prediction=prediction,
                 )
             else:
                 losses = lcm_losses(

@@ -221,61 +221,42 @@ def tscd_predict(
 
 
 def tscd_losses(
-    student: EpsilonModel,
-    target: EpsilonModel,
-    teacher: EpsilonModel,
-    alphas_cumprod: Tensor,
+    prediction: TSCDPrediction,
     latents: Tensor,
     encoder_hidden_states: Tensor,
+    alphas_cumprod: Tensor,
     *,
     k: int,
-    skip: int,
-    uncond_hidden_states: Tensor | None = None,
-    guidance_range: tuple[float, float] | None = None,
     distance_kind: Distance = "mse",
     huber_c: float = 0.001,
-    noise: Tensor | None = None,
-    noise_offset: float = 0.0,
-    timesteps: TSCDTimesteps | None = None,
     final_alpha_cumprod: float = 1.0,
     discriminator: TeacherFeatureDiscriminator | None = None,
     adversarial_weight: float = 0.0,
     generator: torch.Generator | None = None,
-    prediction: TSCDPrediction | None = None,
 ) -> dict[str, Tensor]:
-    """The TSCD loss: d(student_end, target_end) (+ λ_adv · the generator's hinge loss).
+    """The TSCD loss of one batch's ``tscd_predict``: d(student_end, target_end)
+    (+ λ_adv · the generator's hinge loss).
 
-    Arguments as ``tscd_predict``, plus:
+    Args:
+        prediction: ``tscd_predict`` of the batch (the student's part keeps its graph); the
+            training loop hands the same prediction, detached, to the discriminator's step.
+        latents: the batch's clean latents (the adversarial term's real samples).
+        encoder_hidden_states: the captions' embeddings.
+        alphas_cumprod: the ᾱ table.
+        k: the stage's number of segments.
         distance_kind: ``"mse"`` or ``"huber"`` (pseudo-Huber with c = ``huber_c``, LCM's 0.001).
+        huber_c: the pseudo-Huber constant.
+        final_alpha_cumprod: ᾱ at the clean end.
         discriminator: when given with ``adversarial_weight > 0``, the adversarial term: the
             student's x̂_{t_end} and the real latents, both re-noised to a time in the segment,
             scored by the discriminator over the frozen teacher's features.
         adversarial_weight: λ_adv (see ``adversarial.adversarial_weight(k)``).
-        prediction: this batch's ``tscd_predict`` when the caller already made it (the training
-            loop does, to hand the same detached x̂_{t_end} to the discriminator's step).
+        generator: the random source of the adversarial re-noising.
 
     Returns scalars: ``loss`` (to minimise), ``distance``, ``adversarial`` (0 without a
     discriminator), and diagnostics ``t_n``, ``t_end`` (batch means), ``boundary_fraction``
     (share of t_end = t_{n-1}), ``guidance`` (mean ω, 0 without guidance).
     """
-    if prediction is None:
-        prediction = tscd_predict(
-            student,
-            target,
-            teacher,
-            alphas_cumprod,
-            latents,
-            encoder_hidden_states,
-            k=k,
-            skip=skip,
-            uncond_hidden_states=uncond_hidden_states,
-            guidance_range=guidance_range,
-            noise=noise,
-            noise_offset=noise_offset,
-            timesteps=timesteps,
-            final_alpha_cumprod=final_alpha_cumprod,
-            generator=generator,
-        )
     d = distance(prediction.student_end, prediction.target_end, distance_kind, huber_c)
     loss = d
     adversarial = torch.zeros((), device=latents.device)
