@@ -84,6 +84,9 @@ def test_feedback_then_dmd_on_tiny_models(tiny_models: Any, tmp_path: Path, fami
         start_loras=(str(feedback_file),),
         aesthetic="none",
         structure_weight=0.0,
+        # the regression target: base + the feedback LoRA sampled in 2 steps
+        anchor_loras=(str(feedback_file),),
+        anchor_steps=2,
     )
     assert run(dmd_cfg, "dmd") == tmp_path / "dmd" / "tiny-dmd.safetensors"
     lines = log_lines(tmp_path / "dmd")

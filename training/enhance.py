@@ -62,7 +62,7 @@ from training.objectives.feedback import (
     refl_loss,
     structure_loss,
 )
-from training.objectives.solvers import x0_from_epsilon
+from training.objectives.solvers import ddim_step, x0_from_epsilon
 from training.rewards import RewardSpec, load_reward
 
 Method = Literal["feedback", "dmd"]
@@ -111,7 +111,13 @@ class EnhanceConfig:
     structure_weight: float = 1.0
     segmentation_path: str = "models/shapes-segmentation"
     structure_window: tuple[int, ...] = (100, 700)
-    anchor_weight: float = 1.0  # MSE to the starting model's x̂0 (latents)
+    anchor_weight: float = 1.0  # MSE to the anchor's x̂0 (latents)
+    # DMD's anchor: by default the starting model's own 1-step output; with anchor_loras, the
+    # output of base + these LoRAs sampled from the same noise in anchor_steps DDIM-trailing
+    # steps (e.g. the 4-step TSCD LoRA: a cheap stand-in for the teacher's ODE solution, DMD's
+    # regression target)
+    anchor_loras: tuple[str, ...] = ()
+    anchor_steps: int = 4
     # DMD
     dmd_weight: float = 1.0
     dmd_guidance: float = 2.0  # the real score's CFG ω
@@ -138,6 +144,7 @@ class Models:
     teacher: UNet2DConditionModel
     student: UNet2DConditionModel  # start LoRAs fused, the new LoRA as the adapter
     fake_score: UNet2DConditionModel | None
+    anchor: UNet2DConditionModel | None  # DMD's regression target network (None: the start)
     encode: Callable[[list[str]], Tensor]
     alphas_cumprod: Tensor
 
@@ -146,16 +153,17 @@ def lora_parameters(unet: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for name, p in unet.named_parameters() if "lora_" in name]
 
 
-def fused_unet(cfg: EnhanceConfig, device: torch.device) -> UNet2DConditionModel:
-    """A fresh copy of the base UNet with ``start_loras`` fused into its weights, no adapters.
+def fused_unet(
+    cfg: EnhanceConfig, device: torch.device, loras: Sequence[str] | None = None
+) -> UNet2DConditionModel:
+    """A fresh copy of the base UNet with ``loras`` (default: ``start_loras``) fused into its
+    weights, no adapters.
 
     Only UNet layers are taken (the distilled LoRAs have no text-encoder layers).
     """
     pipe = load_teacher(cfg.teacher, cfg.registry)
-    specs = [
-        LoraSpec(name=f"start{i}", path=Path(path).resolve())
-        for i, path in enumerate(cfg.start_loras)
-    ]
+    files = cfg.start_loras if loras is None else loras
+    specs = [LoraSpec(name=f"lora{i}", path=Path(path).resolve()) for i, path in enumerate(files)]
     fuse_loras(pipe, specs)
     if specs:
         # fused weights stay in the base layers; this only drops the LoRA layers themselves
@@ -195,6 +203,9 @@ def build_models(cfg: EnhanceConfig, method: Method, device: torch.device) -> Mo
             )
         )
         fake_score.train()
+    anchor = None
+    if method == "dmd" and cfg.anchor_loras:
+        anchor = fused_unet(cfg, device, cfg.anchor_loras).eval()
     # the served sampler's ᾱ table (DDIM trailing), as in the TSCD stages
     ddim = RECIPES["nstep-lora"].build_scheduler(pipe.scheduler.config)
     assert isinstance(ddim, DDIMScheduler)
@@ -204,7 +215,10 @@ def build_models(cfg: EnhanceConfig, method: Method, device: torch.device) -> Mo
         teacher=pipe.unet,
         student=student,
         fake_score=fake_score,
-        encode=build_encoder(pipe, device, cfg.resolution, (pipe.unet, student, fake_score)),
+        anchor=anchor,
+        encode=build_encoder(
+            pipe, device, cfg.resolution, (pipe.unet, student, fake_score, anchor)
+        ),
         alphas_cumprod=alphas.to(device),
     )
 
@@ -315,10 +329,20 @@ def adapters_off(unet: UNet2DConditionModel) -> Iterator[None]:
         unet.enable_adapters()
 
 
-def one_step(unet: UNet2DConditionModel, noise: Tensor, text: Tensor, alphas: Tensor) -> Tensor:
-    """x̂0 of the one-step sampler: the x0 prediction at the last timestep (DDIM/TCD trailing)."""
-    t = torch.full((noise.shape[0],), alphas.shape[0] - 1, device=noise.device, dtype=torch.long)
-    return x0_from_epsilon(noise, unet(noise, t, text).sample, t, alphas)
+def sample_x0(
+    unet: UNet2DConditionModel, noise: Tensor, text: Tensor, alphas: Tensor, steps: int
+) -> Tensor:
+    """x̂0 of the DDIM-trailing sampler in ``steps`` steps from ``noise`` (no CFG, as served)."""
+    timesteps = trailing_timesteps(alphas.shape[0], steps)
+    x = noise
+    for i, step_t in enumerate(timesteps):
+        t = torch.full((noise.shape[0],), step_t, device=noise.device, dtype=torch.long)
+        eps = unet(x, t, text).sample
+        x0 = x0_from_epsilon(x, eps, t, alphas)
+        if i + 1 < len(timesteps):
+            s = torch.full_like(t, timesteps[i + 1])
+            x = ddim_step(x, eps, t, s, alphas)
+    return x0
 
 
 def student_losses(
@@ -346,9 +370,13 @@ def student_losses(
             timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
             x0_start = x0_from_epsilon(x_t, student(x_t, timesteps, text).sample, timesteps, alphas)
     else:
-        x0 = one_step(student, noise, text, alphas)
-        with torch.no_grad(), adapters_off(student):
-            x0_start = one_step(student, noise, text, alphas)
+        x0 = sample_x0(student, noise, text, alphas, 1)
+        with torch.no_grad():
+            if models.anchor is not None:
+                x0_start = sample_x0(models.anchor, noise, text, alphas, cfg.anchor_steps)
+            else:
+                with adapters_off(student):
+                    x0_start = sample_x0(student, noise, text, alphas, 1)
         assert models.fake_score is not None
         dmd = dmd_losses(
             x0,
@@ -435,7 +463,7 @@ def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.devi
             for _ in range(cfg.fake_updates):
                 noise = torch.randn(batch.latent_shape, generator=generator, device=device)
                 with torch.no_grad(), autocast:
-                    generated = one_step(models.student, noise, text, models.alphas_cumprod)
+                    generated = sample_x0(models.student, noise, text, models.alphas_cumprod, 1)
                 with autocast:
                     fake = fake_score_losses(
                         models.fake_score,
@@ -514,6 +542,8 @@ def run(cfg: EnhanceConfig, method: Method) -> Path | None:
     if cfg.prompts is not None and cfg.structure_weight > 0:
         print("structure loss off: it needs rendered Shapes scenes, not a prompts file")
         cfg = replace(cfg, structure_weight=0.0)
+    if cfg.anchor_steps < 1:
+        raise ValueError(f"anchor_steps must be >= 1, got {cfg.anchor_steps}")
     if cfg.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {cfg.mixed_precision!r}")
     if len(cfg.structure_window) != 2:
