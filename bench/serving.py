@@ -14,6 +14,7 @@ at concurrency 1 and images/s at each concurrency, with the ratios the serving g
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -31,6 +32,7 @@ import httpx
 import redis
 
 from bench.machine import describe_machine
+from hypersd.registry import load_registry
 
 PROMPT = "a large red circle in the center on a white background"
 REPO = Path(__file__).resolve().parent.parent
@@ -131,6 +133,8 @@ def _end_to_end(
     }
     if args.model:
         env["HYPERSD_MODEL"] = args.model
+    # /readyz waits for a worker for this one model only
+    env["HYPERSD_SERVED_MODELS"] = json.dumps([args.model or load_registry().default])
     if args.threads:
         env |= {"OMP_NUM_THREADS": str(args.threads), "HYPERSD_TORCH_THREADS": str(args.threads)}
     port = _free_port()

@@ -245,8 +245,8 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
 
 
 def test_stages_are_registered() -> None:
-    assert STAGES["aesthetic"] == "training.aesthetic"
-    assert STAGES["segmentation"] == "training.segmentation"
+    assert STAGES["aesthetic"] == "training.aesthetic:main"
+    assert STAGES["segmentation"] == "training.segmentation:main"
 
 
 def test_training_clis_run_and_save(tmp_path: Path) -> None:

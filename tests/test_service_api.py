@@ -171,9 +171,11 @@ def test_unknown_job_is_404_in_the_error_model(client: httpx.Client) -> None:
 
 
 def test_models_probes_and_metrics(client: httpx.Client) -> None:
-    models = client.get("/v1/models").json()["data"]
-    assert [model["id"] for model in models] == ["shapes-base"]
-    assert models[0]["served"] and models[0]["sizes"] == ["64x64"]
+    models = {model["id"]: model for model in client.get("/v1/models").json()["data"]}
+    assert "shapes-base" in models and "shapes-hyper-1step" in models
+    assert models["shapes-base"]["served"] and models["shapes-base"]["sizes"] == ["64x64"]
+    # only shapes-base has a worker here (HYPERSD_SERVED_MODELS), so /readyz needs only it
+    assert not models["shapes-hyper-1step"]["served"]
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200
     openapi = client.get("/openapi.json").json()
