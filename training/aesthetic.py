@@ -27,12 +27,10 @@ The score is differentiable in the image, so ``AestheticNet.reward`` plugs into
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
 import math
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,9 +44,14 @@ from torch import Tensor, nn
 from hypersd.shapes import ShapesDataset
 from hypersd.shapes.spec import CANVAS
 from training.attributes import gaussian_blur, images_to_tensor, jpeg_roundtrip
-from training.config import config_to_dict, load_config
 from training.devices import resolve_device
-from training.netio import load_weights, read_config, save_network, warmup_cosine
+from training.netio import (
+    load_weights,
+    read_config,
+    save_network,
+    train_command,
+    warmup_cosine,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "shapes-aesthetic"
@@ -406,21 +409,15 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    return train_command(
+        argv,
         prog="hypersd-train aesthetic",
         description="Train the Shapes aesthetic model (a ReFL reward: clean above degraded).",
+        config_type=AestheticConfig,
+        train=train,
+        save=save_aesthetic_model,
+        format_metrics=format_metrics,
     )
-    parser.add_argument("--config", help="YAML file over the defaults")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args, unknown = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    config = load_config(AestheticConfig, args.config, [*args.overrides, *unknown])
-    net, metrics = train(config)
-    out = save_aesthetic_model(
-        net, config.out, {"training": config_to_dict(config), "metrics": metrics}
-    )
-    print(format_metrics(metrics))
-    print(f"trained in {metrics['train_seconds']} s on {metrics['device']}; saved to {out}")
-    return 0
 
 
 if __name__ == "__main__":

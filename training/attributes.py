@@ -27,13 +27,11 @@ that a wrong colour or shape is still a wrong colour or shape.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import json
 import math
 import random
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,9 +63,14 @@ from hypersd.shapes.spec import (
     SIZES,
     SUPERSAMPLE,
 )
-from training.config import config_to_dict, load_config
 from training.devices import resolve_device
-from training.netio import load_weights, read_config, save_network, warmup_cosine
+from training.netio import (
+    load_weights,
+    read_config,
+    save_network,
+    train_command,
+    warmup_cosine,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "shapes-attributes"
@@ -836,18 +839,12 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    return train_command(
+        argv,
         prog="hypersd-train attributes",
         description="Train the Shapes attribute network (adherence judge, FID features, reward).",
+        config_type=AttributesConfig,
+        train=train,
+        save=save_attribute_net,
+        format_metrics=format_metrics,
     )
-    parser.add_argument("--config", help="YAML file over the defaults")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args, unknown = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    config = load_config(AttributesConfig, args.config, [*args.overrides, *unknown])
-    net, metrics = train(config)
-    out = save_attribute_net(
-        net, config.out, {"training": config_to_dict(config), "metrics": metrics}
-    )
-    print(format_metrics(metrics))
-    print(f"trained in {metrics['train_seconds']} s on {metrics['device']}; saved to {out}")
-    return 0

@@ -8,18 +8,32 @@ images, they are never trained further by the code that loads them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from training.config import config_to_dict, load_config
+
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 NetT = TypeVar("NetT", bound=torch.nn.Module)
+
+
+class SavedConfig(Protocol):
+    """A small network's training config: it names the folder the network is saved to."""
+
+    @property
+    def out(self) -> str: ...
+
+
+ConfigT = TypeVar("ConfigT", bound=SavedConfig)
 
 
 def save_network(net: torch.nn.Module, directory: str | Path, config: dict[str, Any]) -> Path:
@@ -61,3 +75,29 @@ def warmup_cosine(
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
+
+
+def train_command(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    config_type: type[ConfigT],
+    train: Callable[[ConfigT], tuple[NetT, dict[str, Any]]],
+    save: Callable[[NetT, str | Path, dict[str, Any]], Path],
+    format_metrics: Callable[[dict[str, Any]], str],
+) -> int:
+    """``hypersd-train <network> [--config FILE] [key=value ...]`` for a small Shapes network:
+    build the config, train, save the network with its config and metrics, print the metrics.
+
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="YAML file over the defaults")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args, unknown = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    config = load_config(config_type, args.config, [*args.overrides, *unknown])
+    net, metrics = train(config)
+    out = save(net, config.out, {"training": config_to_dict(config), "metrics": metrics})
+    print(format_metrics(metrics))
+    print(f"trained in {metrics['train_seconds']} s on {metrics['device']}; saved to {out}")
+    return 0

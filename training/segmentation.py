@@ -25,11 +25,9 @@ resampling) so that the masks stay right on generated images.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,9 +42,14 @@ from torch import Tensor, nn
 from hypersd.shapes import Rendered, ShapesDataset
 from hypersd.shapes.spec import CANVAS
 from training.attributes import AugmentConfig, augment, images_to_tensor
-from training.config import config_to_dict, load_config
 from training.devices import resolve_device
-from training.netio import load_weights, read_config, save_network, warmup_cosine
+from training.netio import (
+    load_weights,
+    read_config,
+    save_network,
+    train_command,
+    warmup_cosine,
+)
 from training.objectives.feedback import structure_loss
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -373,21 +376,15 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    return train_command(
+        argv,
         prog="hypersd-train segmentation",
         description="Train the Shapes instance-segmentation model (the structure-loss network).",
+        config_type=SegmentationConfig,
+        train=train,
+        save=save_segmentation_model,
+        format_metrics=format_metrics,
     )
-    parser.add_argument("--config", help="YAML file over the defaults")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
-    args, unknown = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    config = load_config(SegmentationConfig, args.config, [*args.overrides, *unknown])
-    net, metrics = train(config)
-    out = save_segmentation_model(
-        net, config.out, {"training": config_to_dict(config), "metrics": metrics}
-    )
-    print(format_metrics(metrics))
-    print(f"trained in {metrics['train_seconds']} s on {metrics['device']}; saved to {out}")
-    return 0
 
 
 if __name__ == "__main__":
