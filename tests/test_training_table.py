@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from PIL import Image
 
+from hypersd.registry import load_registry
 from training import table
-from training.table import Row, TableConfig
+from training.table import Row, TableConfig, model_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,3 +66,24 @@ def test_table_on_the_shipped_model(tmp_path: Path) -> None:
     results = table.run(TableConfig.load(path))
     assert [c.stat().st_mtime_ns for c in cells] == stamps
     assert results["Fast"][1] == results["Teacher"][1]
+
+
+def test_fingerprint_follows_the_weight_files(tiny_models: Any, tmp_path: Path) -> None:
+    """A retrained LoRA under the same name is measured again, not read from the cache."""
+    registry = tmp_path / "registry.toml"
+    shutil.copy(tiny_models.registry, registry)
+    for path in tiny_models.root.iterdir():
+        if path.name != "registry.toml":
+            (tmp_path / path.name).symlink_to(path)
+    lora_entry = next(
+        name for name in load_registry(registry).names if load_registry(registry).get(name).loras
+    )
+    lora_file = load_registry(registry).get(lora_entry).loras[0].path
+    cfg = TableConfig(rows=(), registry=str(registry))
+    before = model_fingerprint(cfg, lora_entry)
+    assert before == model_fingerprint(cfg, lora_entry)
+    target = lora_file.resolve()
+    lora_file.unlink()
+    shutil.copy(target, lora_file)
+    os.utime(lora_file, ns=(1, 1))
+    assert model_fingerprint(cfg, lora_entry) != before

@@ -25,6 +25,7 @@ The YAML:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -37,6 +38,7 @@ import torch
 import yaml
 from PIL import Image
 
+from hypersd.registry import load_registry
 from hypersd.shapes import fixed_captions
 from training.aesthetic import DEFAULT_MODEL_DIR as AESTHETIC_DIR
 from training.aesthetic import load_aesthetic_model
@@ -129,14 +131,26 @@ def cell_key(row: Row, steps: int) -> str:
     return f"{row.models[steps]}-{steps}step-g{guidance}-eta{eta}"
 
 
+def model_fingerprint(cfg: TableConfig, model: str) -> str:
+    """What a cached cell was measured on: the registry entry and the size and time of each of
+    its weight files, so a retrained LoRA under the same name is measured again."""
+    spec = load_registry(cfg.registry).get(model)
+    files = [spec.path, spec.unet, *(lora.path for lora in spec.loras)]
+    stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f and f.is_file()]
+    entry = spec.model_dump(mode="json")
+    return hashlib.sha1(json.dumps([entry, stats], sort_keys=True).encode()).hexdigest()[:16]
+
+
 def measure_cell(cfg: TableConfig, row: Row, steps: int, captions: list[str]) -> dict[str, Any]:
     """Generate and judge one (model, steps) cell; cached as JSON + its grid samples."""
     cells = Path(cfg.out) / "cells"
     key = cell_key(row, steps)
     path = cells / f"{key}.json"
+    fingerprint = model_fingerprint(cfg, row.models[steps])
     if path.exists():
         cached: dict[str, Any] = json.loads(path.read_text())
-        if cached["captions"] == len(captions) and cached["seed"] == cfg.seed:
+        same = (cached["captions"], cached["seed"], cached.get("fingerprint"))
+        if same == (len(captions), cfg.seed, fingerprint):
             return cached
     device = None if cfg.device == "auto" else cfg.device
     started = time.time()
@@ -177,6 +191,7 @@ def measure_cell(cfg: TableConfig, row: Row, steps: int, captions: list[str]) ->
         "fid": report.fid,
         "reward": float(rewards.mean()),
         "generation_seconds": round(seconds, 1),
+        "fingerprint": fingerprint,
     }
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
