@@ -44,7 +44,8 @@ eval-base: $(VENV)/.installed
 		runs/eval/base-1-g2 runs/eval/base-2-g2 runs/eval/base-4-g2 runs/eval/base-8-g2
 
 # The Hyper-SD pipeline on the Shapes base model, one stage after the other (each resumable):
-# TSCD 8->4->2->1, the LCM-LoRA baseline, the alignment reward network, feedback, DMD.
+# TSCD 8->4->2->1, the LCM-LoRA baseline, the alignment reward network, feedback (on the unified
+# 1-step LoRA, then one per N-step LoRA sampling with its own N steps), DMD.
 TRAIN := $(VENV)/bin/hypersd-train
 distill-shapes: $(VENV)/.installed
 	$(TRAIN) tscd --config training/configs/tscd-shapes.yaml
@@ -52,6 +53,9 @@ distill-shapes: $(VENV)/.installed
 	test -f models/shapes-alignment/model.safetensors || \
 		$(TRAIN) attributes --config training/configs/alignment.yaml
 	$(TRAIN) feedback --config training/configs/feedback-shapes.yaml
+	for k in 2 4 8; do $(TRAIN) feedback --config training/configs/feedback-shapes.yaml \
+		"start_loras=[runs/tscd-shapes/k$$k/shapes-hyper-$${k}step.safetensors]" sampler_steps=$$k \
+		out_dir=runs/feedback-$${k}step export_name=shapes-hyper-feedback-$${k}step; done
 	$(TRAIN) dmd --config training/configs/dmd-shapes.yaml
 
 # Copy the distilled LoRAs from runs/ into models/ (fp16 diffusers files; registry.toml names them).
@@ -60,6 +64,8 @@ ship-shapes: $(VENV)/.installed
 	for k in 1 2 4 8; do $(SHIP) runs/tscd-shapes/k$$k/shapes-hyper-$${k}step.safetensors \
 		models/shapes-hyper/tscd-$${k}step.safetensors; done
 	$(SHIP) runs/feedback-shapes/shapes-hyper-feedback.safetensors models/shapes-hyper/feedback.safetensors
+	for k in 2 4 8; do $(SHIP) runs/feedback-$${k}step/shapes-hyper-feedback-$${k}step.safetensors \
+		models/shapes-hyper/feedback-$${k}step.safetensors; done
 	$(SHIP) runs/dmd-shapes/shapes-hyper-dmd.safetensors models/shapes-hyper/dmd.safetensors
 	$(SHIP) runs/lcm-shapes/lcm/shapes-lcm.safetensors models/shapes-hyper/lcm.safetensors
 
