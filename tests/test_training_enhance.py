@@ -203,3 +203,25 @@ def test_configs_and_cli() -> None:
         cfg = load_config(EnhanceConfig, ROOT / "training" / "configs" / f"{name}.yaml")
         assert cfg.steps > 0
     assert {"feedback", "dmd", "table"} <= set(cli.STAGES)
+
+
+def test_prompts_file_for_real_models(
+    tiny_models: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Prompts from a text file (real models): the structure loss is off, said so, not silent."""
+    torch.set_num_threads(1)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n\na red car on a street\n")
+    # the Shapes alignment reward reads Shapes captions only; the aesthetic one any image
+    cfg = tiny_config(tiny_models.sd15, tmp_path / "run", prompts=str(prompts), alignment="none")
+    assert run(cfg, "feedback") is not None
+    assert "structure loss off" in capsys.readouterr().out
+    lines = log_lines(tmp_path / "run")
+    assert [line["step"] for line in lines] == [0, 1]
+    assert not any("student/structure" in line for line in lines)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="no prompts"):
+        run(
+            tiny_config(tiny_models.sd15, tmp_path / "e", prompts=str(tmp_path / "empty.txt")),
+            "dmd",
+        )
