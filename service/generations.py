@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Request, Response
 
 from hypersd.contracts import ErrorBody, GenerateRequest, Job, JobRecord, JobStatus
 from service import jobs
-from service.deps import QueueDep, RegistryDep, SettingsDep, StoreDep
+from service.deps import QueueDep, RegistryDep, ServicesDep, SettingsDep, StoreDep
 from service.errors import ApiError
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
@@ -35,6 +35,7 @@ async def create_generation(
     store: StoreDep,
     queue: QueueDep,
     settings: SettingsDep,
+    services: ServicesDep,
     prefer: Annotated[str | None, Header(description="`wait=N`: hold up to N seconds")] = None,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> Job:
@@ -43,7 +44,12 @@ async def create_generation(
     The same `Idempotency-Key` with the same body gives back the same job; with another, 409.
     """
     record = jobs.submit(
-        body, registry=registry, store=store, queue=queue, idempotency_key=idempotency_key
+        body,
+        registry=registry,
+        store=store,
+        queue=queue,
+        served=services.served,
+        idempotency_key=idempotency_key,
     )
     wait_s = jobs.prefer_wait(prefer, settings.max_prefer_wait_s)
     if wait_s is not None:

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import re
 import time
+from collections.abc import Collection
 from datetime import UTC, datetime
 
 from hypersd.contracts import (
@@ -15,6 +16,7 @@ from hypersd.contracts import (
     JobImage,
     JobRecord,
     JobStatus,
+    RequestError,
     resolve_request,
     timestamp,
 )
@@ -36,15 +38,23 @@ def submit(
     registry: Registry,
     store: JobStore,
     queue: JobQueue,
+    served: Collection[str],
     idempotency_key: str | None = None,
 ) -> JobRecord:
     """Validate, store and enqueue a job; a known idempotency key returns its job instead.
 
+    ``served`` are the models this deployment runs workers for: a job for another registry
+    model would wait for a worker that never comes (embedded mode holds one model).
+
     Raises:
-        RequestError: a value the model does not allow (422).
+        RequestError: a value the model does not allow, or a model not served here (422).
         ApiError: 409 when the idempotency key was used with another body.
     """
     record = resolve_request(body, registry)
+    if record.model not in served:
+        raise RequestError(
+            "model", f"model {record.model!r} is not served by this deployment", list(served)
+        )
     idempotency = None if idempotency_key is None else (idempotency_key, body.fingerprint())
     try:
         stored = store.create(record, idempotency)

@@ -18,7 +18,7 @@ from hypersd.contracts import (
     RequestError,
 )
 from service import jobs
-from service.deps import QueueDep, RegistryDep, SettingsDep, StoreDep
+from service.deps import QueueDep, RegistryDep, ServicesDep, SettingsDep, StoreDep
 from service.errors import ApiError
 
 router = APIRouter(tags=["openai"])
@@ -60,6 +60,7 @@ async def create_images(
     store: StoreDep,
     queue: QueueDep,
     settings: SettingsDep,
+    services: ServicesDep,
 ) -> ImagesResponse:
     """Generate and wait: the images as URLs (default) or base64."""
     width = height = None
@@ -78,7 +79,9 @@ async def create_images(
             response_format=body.response_format or "url",
             output_format=body.output_format or "png",
         )
-        record = jobs.submit(generate, registry=registry, store=store, queue=queue)
+        record = jobs.submit(
+            generate, registry=registry, store=store, queue=queue, served=services.served
+        )
     except ValidationError as error:  # a size out of every model's range
         raise RequestError("size", f"size {body.size!r}: {error.errors()[0]['msg']}") from None
     except RequestError as error:  # OpenAI's request names one size, not width and height

@@ -77,6 +77,18 @@ def test_the_openai_client_works_against_the_embedded_server(embedded: Server) -
         assert png.size == (64, 64)
 
 
+def test_embedded_server_refuses_models_it_does_not_hold(embedded: Server) -> None:
+    """Another registry model would wait for a worker that never comes: 422 naming the field."""
+    body = {"prompt": PROMPT, "model": "shapes-hyper-4step"}
+    response = httpx.post(f"{embedded.url}/v1/generations", json=body, timeout=30)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["field"] == "model" and error["allowed"] == ["shapes-base"]
+    openai_body = {"prompt": PROMPT, "model": "shapes-hyper-4step"}
+    response = httpx.post(f"{embedded.url}/v1/images/generations", json=openai_body, timeout=30)
+    assert response.status_code == 422 and response.json()["error"]["field"] == "model"
+
+
 def test_sigterm_stops_the_embedded_server_cleanly(embedded: Server) -> None:
     embedded.process.stop()
     # uvicorn re-raises the signal once its graceful shutdown is done.
