@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,11 +44,11 @@ from hypersd.shapes.spec import CANVAS
 from training.attributes import gaussian_blur, images_to_tensor, jpeg_roundtrip
 from training.devices import resolve_device
 from training.netio import (
+    SmallNetLoop,
     load_weights,
     read_config,
     save_network,
     train_command,
-    warmup_cosine,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -338,48 +336,28 @@ def evaluate(
 
 def train(config: AestheticConfig) -> tuple[AestheticNet, dict[str, Any]]:
     """Train on fresh renders, evaluate on held-out ones; return the net and its metrics."""
-    from tqdm import tqdm
-
     device = resolve_device(config.device)
     if device.type == "cpu":
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
     net = AestheticNet(config.net_config()).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-    lr_factor = warmup_cosine(config.warmup_steps, config.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     dataset = ShapesDataset(config.seed, config.steps * config.batch_size)
     generator = torch.Generator().manual_seed(config.seed)
-    log_dir = Path(config.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     net.train()
-    with (
-        (log_dir / "train_log.jsonl").open("w") as log,
-        tqdm(range(config.steps), desc="aesthetic") as bar,
-    ):
-        running = 0.0
-        for step in bar:
+    with SmallNetLoop(
+        net,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        steps=config.steps,
+        log_every=config.log_every,
+        log_dir=config.log_dir,
+        desc="aesthetic",
+    ) as loop:
+        for step in loop:
             clean = render_images(dataset, step * config.batch_size, config.batch_size)
-            loss = training_loss(net, clean, generator, config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            running = loss.item() if step == 0 else 0.95 * running + 0.05 * loss.item()
-            bar.set_postfix(loss=f"{running:.4f}")
-            if step % config.log_every == 0 or step == config.steps - 1:
-                record = {
-                    "step": step,
-                    "loss": round(loss.item(), 6),
-                    "loss_ema": round(running, 6),
-                    "lr": scheduler.get_last_lr()[0],
-                    "elapsed_s": round(time.time() - started, 1),
-                }
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-    train_seconds = time.time() - started
+            loop.update(step, training_loss(net, clean, generator, config))
+    train_seconds = loop.seconds
     net.eval()
     held_out = render_images(ShapesDataset(config.eval_seed, config.eval_size), 0, config.eval_size)
     metrics: dict[str, Any] = {

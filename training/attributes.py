@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +63,11 @@ from hypersd.shapes.spec import (
 )
 from training.devices import resolve_device
 from training.netio import (
+    SmallNetLoop,
     load_weights,
     read_config,
     save_network,
     train_command,
-    warmup_cosine,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -763,28 +761,26 @@ def evaluation_sets(config: AttributesConfig) -> dict[str, tuple[Tensor, list[Sc
 
 def train(config: AttributesConfig) -> tuple[AttributeNet, dict[str, Any]]:
     """Train on fresh renders, evaluate on held-out ones; return the net and its metrics."""
-    from tqdm import tqdm
-
     device = resolve_device(config.device)
     if device.type == "cpu":
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
     net = AttributeNet(config.net_config()).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-    lr_factor = warmup_cosine(config.warmup_steps, config.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     dataset = ShapesDataset(config.seed, config.steps * config.batch_size)
     augment_config = config.augment_config()
     generator = torch.Generator().manual_seed(config.seed)
-    log_dir = Path(config.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / "train_log.jsonl"
-    started = time.time()
     net.train()
-    with log_path.open("w") as log, tqdm(range(config.steps), desc="attributes") as bar:
-        running = 0.0
-        for step in bar:
+    with SmallNetLoop(
+        net,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        steps=config.steps,
+        log_every=config.log_every,
+        log_dir=config.log_dir,
+        desc="attributes",
+    ) as loop:
+        for step in loop:
             raw, _, labels, _ = render_batch(
                 dataset,
                 step * config.batch_size,
@@ -793,24 +789,8 @@ def train(config: AttributesConfig) -> tuple[AttributeNet, dict[str, Any]]:
                 config.odd_prob,
             )
             images = augment(_to_float(raw, device), augment_config, generator)
-            loss = training_loss(net(images), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            running = loss.item() if step == 0 else 0.95 * running + 0.05 * loss.item()
-            bar.set_postfix(loss=f"{running:.4f}")
-            if step % config.log_every == 0 or step == config.steps - 1:
-                record = {
-                    "step": step,
-                    "loss": round(loss.item(), 6),
-                    "loss_ema": round(running, 6),
-                    "lr": scheduler.get_last_lr()[0],
-                    "elapsed_s": round(time.time() - started, 1),
-                }
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-    train_seconds = time.time() - started
+            loop.update(step, training_loss(net(images), labels.to(device)))
+    train_seconds = loop.seconds
     net.eval()
     metrics: dict[str, Any] = {"train_seconds": round(train_seconds, 1), "device": str(device)}
     for name, (images, scenes, labels) in evaluation_sets(config).items():

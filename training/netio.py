@@ -12,12 +12,15 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from training.config import config_to_dict, load_config
 
@@ -101,3 +104,75 @@ def train_command(
     print(format_metrics(metrics))
     print(f"trained in {metrics['train_seconds']} s on {metrics['device']}; saved to {out}")
     return 0
+
+
+class SmallNetLoop:
+    """What every small network's training loop shares: AdamW with the warm-up cosine schedule,
+    one update per loss, the smoothed loss on a progress bar and a JSON line in
+    ``log_dir/train_log.jsonl`` every ``log_every`` steps (and at the last one).
+
+    Use as ``with SmallNetLoop(...) as loop: for step in loop: ...; loop.update(step, loss)``;
+    ``loop.seconds`` is the training time once the block ends.
+    """
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        *,
+        lr: float,
+        weight_decay: float,
+        warmup_steps: int,
+        steps: int,
+        log_every: int,
+        log_dir: str | Path,
+        desc: str,
+    ) -> None:
+        self.optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(warmup_steps, steps)
+        )
+        self.steps, self.log_every, self.desc = steps, log_every, desc
+        self.log_path = Path(log_dir) / "train_log.jsonl"
+        self.running = 0.0
+        self.seconds = 0.0
+
+    def __enter__(self) -> SmallNetLoop:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = self.log_path.open("w")
+        self.bar = tqdm(range(self.steps), desc=self.desc)
+        self.started = time.time()
+        return self
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.bar)
+
+    def update(self, step: int, loss: torch.Tensor, **terms: torch.Tensor) -> None:
+        """One optimizer step on ``loss``; ``terms`` (detached parts of it) go into the log."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        value = loss.item()
+        self.running = value if step == 0 else 0.95 * self.running + 0.05 * value
+        self.bar.set_postfix(loss=f"{self.running:.4f}")
+        if step % self.log_every == 0 or step == self.steps - 1:
+            record = {
+                "step": step,
+                "loss": round(value, 6),
+                **{name: round(term.item(), 6) for name, term in terms.items()},
+                "loss_ema": round(self.running, 6),
+                "lr": self.scheduler.get_last_lr()[0],
+                "elapsed_s": round(time.time() - self.started, 1),
+            }
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.seconds = time.time() - self.started
+        self.bar.close()
+        self.log.close()

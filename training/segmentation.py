@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +42,11 @@ from hypersd.shapes.spec import CANVAS
 from training.attributes import AugmentConfig, augment, images_to_tensor
 from training.devices import resolve_device
 from training.netio import (
+    SmallNetLoop,
     load_weights,
     read_config,
     save_network,
     train_command,
-    warmup_cosine,
 )
 from training.objectives.feedback import structure_loss
 
@@ -291,30 +289,26 @@ def render_batch(dataset: ShapesDataset, start: int, count: int) -> tuple[Tensor
 
 def train(config: SegmentationConfig) -> tuple[SegmentationNet, dict[str, Any]]:
     """Train on fresh renders, evaluate on held-out ones; return the net and its metrics."""
-    from tqdm import tqdm
-
     device = resolve_device(config.device)
     if device.type == "cpu":
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
     net = SegmentationNet(config.net_config()).to(device)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-    lr_factor = warmup_cosine(config.warmup_steps, config.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     dataset = ShapesDataset(config.seed, config.steps * config.batch_size)
     augment_config = config.augment_config()
     generator = torch.Generator().manual_seed(config.seed)
-    log_dir = Path(config.log_dir)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     net.train()
-    with (
-        (log_dir / "train_log.jsonl").open("w") as log,
-        tqdm(range(config.steps), desc="segmentation") as bar,
-    ):
-        running = 0.0
-        for step in bar:
+    with SmallNetLoop(
+        net,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_steps,
+        steps=config.steps,
+        log_every=config.log_every,
+        log_dir=config.log_dir,
+        desc="segmentation",
+    ) as loop:
+        for step in loop:
             images, masks = render_batch(dataset, step * config.batch_size, config.batch_size)
             images = augment(images, augment_config, generator)
             terms = structure_loss(
@@ -324,26 +318,8 @@ def train(config: SegmentationConfig) -> tuple[SegmentationNet, dict[str, Any]]:
                 from_logits=True,
                 dice_weight=config.dice_weight,
             )
-            loss = terms["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            running = loss.item() if step == 0 else 0.95 * running + 0.05 * loss.item()
-            bar.set_postfix(loss=f"{running:.4f}")
-            if step % config.log_every == 0 or step == config.steps - 1:
-                record = {
-                    "step": step,
-                    "loss": round(loss.item(), 6),
-                    "bce": round(terms["bce"].item(), 6),
-                    "dice": round(terms["dice"].item(), 6),
-                    "loss_ema": round(running, 6),
-                    "lr": scheduler.get_last_lr()[0],
-                    "elapsed_s": round(time.time() - started, 1),
-                }
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-    train_seconds = time.time() - started
+            loop.update(step, terms["loss"], bce=terms["bce"], dice=terms["dice"])
+    train_seconds = loop.seconds
     net.eval()
     images, masks = render_batch(
         ShapesDataset(config.eval_seed, config.eval_size), 0, config.eval_size
