@@ -222,13 +222,18 @@ def _folder_pairs(cfg: DistillConfig) -> tuple[np.ndarray, list[str]]:
     return np.stack(images), captions
 
 
+def _source_files(cfg: DistillConfig, suffix: str) -> tuple[Path, list[Path]]:
+    """``data_path`` and its files: the file itself, or the folder's ``*<suffix>`` files."""
+    if cfg.data_path is None:
+        raise ValueError(f"data={cfg.data} needs data_path=<a {suffix} file or a folder of them>")
+    source = Path(cfg.data_path)
+    return source, sorted(source.glob(f"*{suffix}")) if source.is_dir() else [source]
+
+
 def _webdataset_pairs(cfg: DistillConfig) -> tuple[np.ndarray, list[str]]:
     """``data=webdataset``: ``.tar`` shards (one file, or a folder of them) holding
     ``<key>.jpg|png|webp`` + ``<key>.txt`` members, read with the standard library."""
-    if cfg.data_path is None:
-        raise ValueError("data=webdataset needs data_path=<a .tar shard or a folder of them>")
-    source = Path(cfg.data_path)
-    shards = sorted(source.glob("*.tar")) if source.is_dir() else [source]
+    source, shards = _source_files(cfg, ".tar")
     images, captions = [], []
     for shard in shards:
         members: dict[str, dict[str, bytes]] = {}
@@ -264,10 +269,7 @@ def _parquet_pairs(cfg: DistillConfig) -> tuple[np.ndarray, list[str]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if cfg.data_path is None:
-        raise ValueError("data=parquet needs data_path=<a .parquet file or a folder of them>")
-    source = Path(cfg.data_path)
-    files = sorted(source.glob("*.parquet")) if source.is_dir() else [source]
+    source, files = _source_files(cfg, ".parquet")
     images, captions = [], []
     for file in files:
         parquet = pq.ParquetFile(file)
