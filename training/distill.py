@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -605,10 +606,13 @@ def lr_at(step: int, base: float, warmup: int) -> float:
     return base * min(1.0, (step + 1) / max(1, warmup))
 
 
-def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """DDIM's "trailing" spacing, the served sampler's: e.g. 1000, 4 -> [999, 749, 499, 249]."""
-    ratio = num_train_timesteps / steps
-    return [round(num_train_timesteps - i * ratio) - 1 for i in range(steps)]
+@functools.cache
+def trailing_timesteps(num_train_timesteps: int, steps: int) -> tuple[int, ...]:
+    """The served sampler's timesteps (DDIM, trailing spacing): e.g. 1000, 4 -> 999, 749, 499,
+    249. Asked by the diffusers scheduler itself, so training follows the served schedule."""
+    scheduler = DDIMScheduler(num_train_timesteps=num_train_timesteps, timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    return tuple(int(t) for t in scheduler.timesteps)
 
 
 def sample_grid_from(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -192,8 +193,7 @@ def build_models(cfg: EnhanceConfig, method: Method, device: torch.device) -> Mo
     fake_score = None
     if method == "dmd":
         # DMD2 starts the fake score at the teacher: a LoRA (B = 0) on a copy of it
-        fake_score = to_device(load_teacher(cfg.teacher, cfg.registry).unet, device)
-        fake_score.requires_grad_(False)
+        fake_score = copy.deepcopy(pipe.unet).requires_grad_(False)
         fake_score.add_adapter(
             LoraConfig(
                 r=cfg.fake_rank,
