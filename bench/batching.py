@@ -3,6 +3,9 @@
     python -m bench.batching [--model NAME] [--steps 1,4,25] [--batch-sizes 1,4,8] [--repeats 5]
                              [--threads N]
 
+The model defaults to the registry's default, the steps to that model's default steps (the README's
+table names `--model shapes-base --steps 1,4,25`, the teacher it was measured on).
+
 Prints a markdown table: the median seconds per call, per image, images/s and the
 speed-up over batch size 1 measured in the same process. This is what the serving
 micro-batcher relies on: several compatible requests cost less as one call.
@@ -28,7 +31,7 @@ def _ints(text: str) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="registry name (default: the registry's default)")
-    parser.add_argument("--steps", type=_ints, default=[1, 4, 25])
+    parser.add_argument("--steps", type=_ints, help="e.g. 1,4,25 (default: the model's default)")
     parser.add_argument("--batch-sizes", type=_ints, default=[1, 4, 8])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default=None)
@@ -39,6 +42,7 @@ def main() -> None:
 
     registry = load_registry()
     spec = registry.get(args.model or registry.default)
+    steps_list: list[int] = args.steps or [spec.default_steps]
     generator = load(spec, device=args.device)
     width, height = spec.default_size
     device = generator.pipe.device
@@ -47,7 +51,7 @@ def main() -> None:
     print()
     print("| steps | batch | s/call (median) | s/image | images/s | vs batch 1 |")
     print("|---:|---:|---:|---:|---:|---:|")
-    for steps in args.steps:
+    for steps in steps_list:
         baseline: float | None = None
         for batch_size in args.batch_sizes:
             requests = [

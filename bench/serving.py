@@ -1,7 +1,10 @@
-"""Benchmark: a direct pipeline call against end-to-end HTTP -> Redis -> Celery, at 1 step.
+"""Benchmark: a direct pipeline call against end-to-end HTTP -> Redis -> Celery.
 
-    python -m bench.serving [--model NAME] [--steps 1] [--requests 40] [--concurrency 1,4,16]
+    python -m bench.serving [--model NAME] [--steps N] [--requests 40] [--concurrency 1,4,16]
                             [--threads N] [--redis-server /usr/bin/redis-server]
+
+The model defaults to the registry's default, the steps to that model's default steps (the README's
+table names `--model shapes-base --steps 1`, what it was measured on).
 
 Starts its own redis-server, `hypersd serve` (gateway only) and `hypersd worker` processes on free
 ports, first with micro-batching on (max batch = the highest concurrency) and then off (max batch
@@ -163,13 +166,15 @@ def _end_to_end(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", help="registry name (default: the registry's default)")
-    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--steps", type=int, help="default: the model's default steps")
     parser.add_argument("--requests", type=int, default=40, help="requests per measurement")
     parser.add_argument("--concurrency", type=_ints, default=[1, 4, 16])
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, help="torch threads, direct and worker alike")
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     args = parser.parse_args()
+    if args.steps is None:
+        args.steps = load_registry().get(args.model).default_steps
 
     direct, direct_wall, device = _direct(args)
     logs = Path(tempfile.mkdtemp(prefix="hypersd-bench-"))

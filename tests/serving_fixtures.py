@@ -7,6 +7,7 @@ and is always stopped at the end of its fixture.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -23,6 +24,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_REGISTRY = REPO / "models" / "registry.toml"
+# The model whose workers the serving-mechanics tests run (batching, validation, recovery), named
+# in their requests: the teacher, served by name, whose 1-50 steps give both quick 1-step jobs and
+# slow 50-step ones (long enough to kill a worker or stop Redis mid-job). The registry's default
+# model (a request naming none) is served by the embedded server (`test_serving_embedded.py`) and
+# by a worker started without a model (`test_serving_default_model.py`).
+MODEL = "shapes-base"
 
 
 def free_port() -> int:
@@ -90,8 +97,8 @@ def serving_env(**settings: str | int | float) -> dict[str, str]:
         "HYPERSD_TORCH_THREADS": "1",
         "HYPERSD_REGISTRY": str(SHIPPED_REGISTRY),
         "HYPERSD_HEARTBEAT_INTERVAL_S": "0.5",
-        # the tests run workers for the default model only
-        "HYPERSD_SERVED_MODELS": '["shapes-base"]',
+        # the tests run workers for MODEL only (`served_models=` overrides)
+        "HYPERSD_SERVED_MODELS": json.dumps([MODEL]),
     }
     env |= {f"HYPERSD_{key.upper()}": str(value) for key, value in settings.items()}
     return env
@@ -166,7 +173,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @dataclass
 class Stack:
-    """Gateway + one Celery worker on a Redis database of their own."""
+    """Gateway + one Celery worker (for MODEL) on a Redis database of their own."""
 
     server: Server
     worker: Process
@@ -175,15 +182,20 @@ class Stack:
     heartbeat_file: Path
 
 
-def start_worker(redis_url: str, log: Path, **settings: str | int | float) -> Process:
-    """`hypersd worker` for the default model; its metrics server is off unless asked for."""
+def start_worker(
+    redis_url: str, log: Path, model: str | None = MODEL, **settings: str | int | float
+) -> Process:
+    """`hypersd worker` for `model` (None: no `--model`, the registry's default).
+
+    Its metrics server is off unless asked for.
+    """
     env = serving_env(**{"redis_url": redis_url, "worker_metrics_port": 0, **settings})
-    return start_process(["worker"], env, log)
+    return start_process(["worker"] if model is None else ["worker", "--model", model], env, log)
 
 
 @pytest.fixture(scope="session")
 def stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """`hypersd serve` (enqueue only) and `hypersd worker` (4 slots) on Redis database 0."""
+    """`hypersd serve` (enqueue only) and `hypersd worker` for MODEL (4 slots) on Redis db 0."""
     logs = tmp_path_factory.mktemp("stack")
     url = f"{redis_url}/0"
     metrics_port = free_port()

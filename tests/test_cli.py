@@ -13,6 +13,7 @@ from PIL import Image
 from hypersd.registry import load_registry
 
 RED_CIRCLE = "a large red circle in the center on a white background"
+DEFAULT = load_registry().get()  # the shipped default: the distilled model
 
 
 def hypersd(*args: str, registry: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -47,8 +48,6 @@ def test_generate_several_images_to_a_folder(tmp_path: Path) -> None:
         RED_CIRCLE,
         "--n",
         "2",
-        "--steps",
-        "2",
         "--seed",
         "7",
         "--out",
@@ -74,6 +73,8 @@ def test_models_lists_the_registry_with_its_default() -> None:
         (["--model", "no-such-model"], "unknown model 'no-such-model'; known models:"),
         (["--model", "../../etc/passwd"], "never by file path"),
         (["--steps", "0"], "steps=0 is not allowed"),
+        # no --model: the default (distilled) model, which does not take the teacher's 25 steps
+        (["--steps", "25"], f"steps=25 is not allowed for model {DEFAULT.name!r}; allowed: "),
         (["--width", "65"], "width"),
         (["--n", "0"], "--n must be at least 1"),
     ],

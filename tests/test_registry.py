@@ -44,10 +44,31 @@ def registry_error(tmp_path: Path, entry: str) -> str:
     return str(excinfo.value)
 
 
-def test_the_shipped_registry_serves_the_shapes_base_model() -> None:
+def test_the_shipped_default_is_a_distilled_model_on_the_shapes_base_weights() -> None:
+    """A request naming no model gets a distilled model (LoRAs on the teacher, no CFG, a few
+    steps); which one is the registry's `default` line (README: "The table, measured")."""
     registry = load_registry()
-    assert registry.default == "shapes-base"
     spec = registry.get()
+    assert spec.name == registry.default != "shapes-base"
+    assert spec.path == DEFAULT_REGISTRY_PATH.parent / "shapes-base"
+    assert spec.recipe != "teacher" and spec.loras
+    assert spec.guidance_scale == 0.0
+    assert spec.default_steps <= 8 and 25 not in spec.steps
+    assert spec.sizes == ((64, 64),) and spec.default_size == (64, 64)
+    assert all(
+        lora.path.parent == DEFAULT_REGISTRY_PATH.parent / "shapes-hyper" for lora in spec.loras
+    )
+
+
+def test_the_shipped_4step_model_is_tscd_plus_feedback_at_4_steps() -> None:
+    spec = load_registry().get("shapes-hyper-4step")
+    assert spec.recipe == "nstep-lora"
+    assert (spec.steps, spec.default_steps, spec.guidance_scale) == ((4,), 4, 0.0)
+    assert [lora.name for lora in spec.loras] == ["tscd-4step", "feedback-4step"]
+
+
+def test_the_shipped_registry_serves_the_shapes_base_teacher_by_name() -> None:
+    spec = load_registry().get("shapes-base")
     assert spec.name == "shapes-base"
     assert spec.family == "sd15"
     assert spec.path == DEFAULT_REGISTRY_PATH.parent / "shapes-base"

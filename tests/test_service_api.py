@@ -1,6 +1,8 @@
 """The HTTP API over real processes: `hypersd serve` -> Redis -> a `hypersd worker` (Celery).
 
-Jobs use 1-4 steps to stay quick on a shared CPU; nothing depends on exact pixels (the shipped
+The worker serves the teacher (`MODEL`, shapes-base), which every request here names: these tests
+are about serving mechanics, not the registry's default model (see `test_serving_default_model.py`).
+Jobs use 1-8 steps to stay quick on a shared CPU; nothing depends on exact pixels (the shipped
 model is re-exported by training now and then).
 """
 
@@ -16,7 +18,9 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from serving_fixtures import Stack
+from serving_fixtures import MODEL, SHIPPED_REGISTRY, Stack
+
+from hypersd.registry import load_registry
 
 PROMPT = "a large red circle in the center on a white background"
 
@@ -37,7 +41,9 @@ def client(stack: Stack) -> Any:
 
 
 def test_submit_poll_and_fetch_a_png_of_the_asked_size(client: httpx.Client) -> None:
-    response = client.post("/v1/generations", json={"prompt": PROMPT, "steps": 2, "seed": 5})
+    response = client.post(
+        "/v1/generations", json={"prompt": PROMPT, "model": MODEL, "steps": 2, "seed": 5}
+    )
     assert response.status_code == 202
     submitted = response.json()
     assert submitted["status"] == "queued" and submitted["links"]["self"].endswith(submitted["id"])
@@ -56,6 +62,7 @@ def test_prefer_wait_answers_with_the_finished_job(client: httpx.Client) -> None
         "/v1/generations",
         json={
             "prompt": PROMPT,
+            "model": MODEL,
             "steps": 1,
             "n": 2,
             "response_format": "b64_json",
@@ -76,7 +83,7 @@ def test_the_openai_client_generates_images(stack: Stack) -> None:
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{stack.server.url}/v1", api_key="unused")
     result = client.images.generate(
-        prompt=PROMPT, model="shapes-base", n=2, size="64x64", response_format="b64_json"
+        prompt=PROMPT, model=MODEL, n=2, size="64x64", response_format="b64_json"
     )
     assert result.data is not None and len(result.data) == 2
     for item in result.data:
@@ -84,11 +91,11 @@ def test_the_openai_client_generates_images(stack: Stack) -> None:
         with Image.open(io.BytesIO(base64.b64decode(item.b64_json))) as png:
             assert png.size == (64, 64)
     with pytest.raises(openai.UnprocessableEntityError):
-        client.images.generate(prompt=PROMPT, model="shapes-base", size="512x512")
+        client.images.generate(prompt=PROMPT, model=MODEL, size="512x512")
 
 
 def test_idempotency_key_same_body_same_job_other_body_409(client: httpx.Client) -> None:
-    body = {"prompt": PROMPT, "steps": 1}
+    body = {"prompt": PROMPT, "model": MODEL, "steps": 1}
     headers = {"Idempotency-Key": f"key-{time.time_ns()}"}
     first = client.post("/v1/generations", json=body, headers=headers)
     again = client.post("/v1/generations", json=body, headers=headers)
@@ -103,7 +110,7 @@ def test_concurrent_jobs_are_batched_and_a_canceled_queued_job_never_runs(
     client: httpx.Client, stack: Stack
 ) -> None:
     # 4 slots: the first 4 jobs are taken at once and batched; the 5th waits in the queue.
-    body = {"prompt": PROMPT, "steps": 8}
+    body = {"prompt": PROMPT, "model": MODEL, "steps": 8}
     ids = [client.post("/v1/generations", json=body).json()["id"] for _ in range(5)]
     canceled = client.post(f"/v1/generations/{ids[-1]}/cancel")
     assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
@@ -151,11 +158,33 @@ def test_concurrent_jobs_are_batched_and_a_canceled_queued_job_never_runs(
 def test_invalid_fields_are_422_naming_the_field(
     client: httpx.Client, body: dict[str, Any], field: str
 ) -> None:
-    response = client.post("/v1/generations", json={"prompt": PROMPT, **body})
+    response = client.post("/v1/generations", json={"prompt": PROMPT, "model": MODEL, **body})
     assert response.status_code == 422
     error = response.json()["error"]
     assert error["field"] == field and error["type"] == "invalid_request"
     assert error["message"]
+
+
+def test_the_distilled_models_steps_are_checked_at_the_gateway(client: httpx.Client) -> None:
+    """The 4-step model asked for the teacher's 25 steps: 422 naming steps and what is allowed."""
+    body = {"prompt": PROMPT, "model": "shapes-hyper-4step", "steps": 25}
+    response = client.post("/v1/generations", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["field"] == "steps" and error["allowed"] == ["4"]
+    assert "shapes-hyper-4step" in error["message"] and "allowed: 4" in error["message"]
+
+
+def test_a_request_naming_no_model_needs_a_worker_for_the_default(client: httpx.Client) -> None:
+    """No model means the registry's default, which this deployment runs no worker for: a 422
+    naming the served models at once, not a job that waits for a worker that never comes."""
+    default = load_registry(SHIPPED_REGISTRY).default
+    assert default != MODEL
+    response = client.post("/v1/generations", json={"prompt": PROMPT})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["field"] == "model" and error["allowed"] == [MODEL]
+    assert repr(default) in error["message"]
 
 
 def test_malformed_json_is_422_not_500(client: httpx.Client) -> None:
@@ -184,7 +213,9 @@ def test_models_probes_and_metrics(client: httpx.Client) -> None:
         "$ref": "#/components/schemas/ErrorBody"
     }
     client.post(
-        "/v1/generations", json={"prompt": PROMPT, "steps": 1}, headers={"Prefer": "wait=30"}
+        "/v1/generations",
+        json={"prompt": PROMPT, "model": MODEL, "steps": 1},
+        headers={"Prefer": "wait=30"},
     )
     text = client.get("/metrics").text
     for series in (

@@ -18,6 +18,7 @@ import pytest
 import redis
 from PIL import Image
 from serving_fixtures import (
+    MODEL,
     free_port,
     serving_env,
     start_server,
@@ -27,8 +28,9 @@ from serving_fixtures import (
 )
 
 PROMPT = "a small blue triangle to the left of a large yellow square on a black background"
-# Four 50-step images in one batch: seconds on one thread, long enough to stop Redis mid-job.
-SLOW_JOB = {"prompt": PROMPT, "steps": 50, "n": 4}
+# Four 50-step images of the teacher in one batch: seconds on one thread, long enough to stop
+# Redis mid-job.
+SLOW_JOB = {"prompt": PROMPT, "model": MODEL, "steps": 50, "n": 4}
 
 
 class PersistentRedis:
@@ -134,7 +136,7 @@ def test_a_job_survives_a_redis_restart_and_the_gateway_answers_503_meanwhile(
             wait_ready(server, timeout_s=30)
             after = client.post(
                 "/v1/generations",
-                json={"prompt": PROMPT, "steps": 1},
+                json={"prompt": PROMPT, "model": MODEL, "steps": 1},
                 headers={"Prefer": "wait=60"},
                 timeout=90,
             )

@@ -17,10 +17,19 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
-from serving_fixtures import Process, Server, serving_env, start_server, start_worker, wait_ready
+from serving_fixtures import (
+    MODEL,
+    Process,
+    Server,
+    serving_env,
+    start_server,
+    start_worker,
+    wait_ready,
+)
 
 PROMPT = "a small blue triangle to the left of a large yellow square on a black background"
-SLOW_JOB = {"prompt": PROMPT, "steps": 50}  # a few seconds on one thread: long enough to kill
+# The teacher at 50 steps: a few seconds on one thread, long enough to kill.
+SLOW_JOB = {"prompt": PROMPT, "model": MODEL, "steps": 50}
 
 # A consumer that takes one message the way a Celery worker does (kombu, acks late) and dies
 # before acking or marking the job running: the moment a worker killed between the two leaves.
@@ -89,9 +98,11 @@ def test_a_job_taken_by_a_worker_that_died_before_starting_it_is_given_back(
 ) -> None:
     worker: Process | None = None
     with httpx.Client(base_url=gateway.url, timeout=30) as client:
-        job_id = client.post("/v1/generations", json={"prompt": PROMPT, "steps": 1}).json()["id"]
+        job_id = client.post(
+            "/v1/generations", json={"prompt": PROMPT, "model": MODEL, "steps": 1}
+        ).json()["id"]
         subprocess.run(
-            [sys.executable, "-c", TAKE_AND_DIE, db_url, "hypersd.shapes-base"],
+            [sys.executable, "-c", TAKE_AND_DIE, db_url, f"hypersd.{MODEL}"],
             check=True,
             capture_output=True,
             timeout=60,
