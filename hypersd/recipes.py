@@ -76,8 +76,8 @@ class Recipe:
         eta: Default TCD `eta` (stochasticity, the paper's gamma); `None` if the recipe takes
             no eta.
         eta_range: Inclusive `(min, max)` of `eta`; required when `eta` is set.
-        timesteps: Explicit timesteps for the pipeline call instead of the scheduler's spacing (the
-            1-step SDXL UNet is trained to denoise from t=800 only).
+        timesteps: Explicit timesteps for the pipeline call instead of the scheduler's spacing (a
+            1-step UNet, Hyper-SDXL's or the Shapes one, is trained to denoise from t=800 only).
     """
 
     name: str
@@ -197,8 +197,10 @@ RECIPES: Mapping[str, Recipe] = MappingProxyType(
                 eta_range=(0.0, 1.0),
             ),
             Recipe(
-                name="sdxl-1step-unet",
-                description="Hyper-SDXL 1-step UNet: LCM from the fixed timestep 800, no CFG",
+                name="1step-unet",
+                # Hyper-SDXL-1step-Unet's recipe; also the Shapes 1-step model (its LoRAs fused):
+                # from t = 800, ᾱ is 8x larger than at 999, so an ε error weighs 5x in x̂0, not 15x
+                description="Hyper-SD 1-step UNet: LCM from the fixed timestep 800, no CFG",
                 scheduler="LCMScheduler",
                 steps=(1,),
                 default_steps=1,

@@ -13,7 +13,7 @@ from hypersd.recipes import RECIPES, Recipe, format_steps, get_recipe, resolve
 EXPECTED = {
     "nstep-lora": (DDIMScheduler, (1, 2, 4, 8), 0.0),
     "unified-1step-lora": (TCDScheduler, tuple(range(1, 9)), 0.0),
-    "sdxl-1step-unet": (LCMScheduler, (1,), 0.0),
+    "1step-unet": (LCMScheduler, (1,), 0.0),
     "cfg-lora": (DDIMScheduler, (8, 12), 5.0),
     "teacher": (DDIMScheduler, tuple(range(1, 101)), 5.0),
 }
@@ -55,13 +55,13 @@ def test_defaults_and_call_kwargs() -> None:
     assert tcd.call_kwargs() == {"num_inference_steps": 4, "guidance_scale": 0.0, "eta": 0.3}
     assert resolve("unified-1step-lora").eta == 1.0  # Hyper-SD's examples, not diffusers' 0.3
 
-    lcm = resolve("sdxl-1step-unet")
+    lcm = resolve("1step-unet")
     assert lcm.call_kwargs() == {
         "num_inference_steps": 1,
         "guidance_scale": 0.0,
         "timesteps": [800],
     }
-    scheduler = RECIPES["sdxl-1step-unet"].build_scheduler(SDXL_SCHEDULER.config)
+    scheduler = RECIPES["1step-unet"].build_scheduler(SDXL_SCHEDULER.config)
     scheduler.set_timesteps(timesteps=[800])
     assert scheduler.timesteps.tolist() == [800]
 
@@ -80,7 +80,7 @@ def test_defaults_and_call_kwargs() -> None:
             "steps=3 is not allowed for recipe 'nstep-lora'; allowed: 1, 2, 4, 8",
         ),
         ({"recipe": "teacher", "steps": 101}, "allowed: 1-100"),
-        ({"recipe": "sdxl-1step-unet", "steps": 2}, "allowed: 1"),
+        ({"recipe": "1step-unet", "steps": 2}, "allowed: 1"),
         (
             {"recipe": "nstep-lora", "guidance_scale": 3.0},
             "guidance_scale=3 is not allowed for recipe 'nstep-lora'; allowed: 0",

@@ -99,7 +99,7 @@ def test_defaults_relative_paths_and_sizes(tmp_path: Path) -> None:
             family = "sdxl"
             hub_id = "stabilityai/stable-diffusion-xl-base-1.0"
             unet = "hyper/Hyper-SDXL-1step-Unet.safetensors"
-            recipe = "sdxl-1step-unet"
+            recipe = "1step-unet"
             """,
         )
     )

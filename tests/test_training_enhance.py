@@ -22,10 +22,11 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from test_training_distill import TARGETS, check_exported_lora
 
 from hypersd.lora import load_lora
+from hypersd.recipes import RECIPES
 from hypersd.registry import LoraSpec, load_registry
 from training import cli
 from training.config import load_config
-from training.enhance import EnhanceConfig, fused_unet, run
+from training.enhance import ONE_STEP_RECIPES, EnhanceConfig, fused_unet, run, sample_x0
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,8 +142,14 @@ def test_registry_entry_stacks_the_loras(tiny_models: Any, tmp_path: Path) -> No
         start_loras=(str(first),),
         structure_weight=0.0,
         aesthetic="none",
+        # a 1-step model from t = 800, trained by the regression anchor and rewards only
+        one_step_timestep=800,
+        dmd_weight=0.0,
     )
     assert run(dmd, "dmd") is not None
+    lines = log_lines(tmp_path / "runs" / "dmd")
+    assert all("student/anchor" in line and "student/dmd" not in line for line in lines)
+    assert not any("fake/loss" in line for line in lines)
     entry = (tmp_path / "runs" / "dmd" / "registry.toml").read_text()
     assert 'path = "../feedback/tiny-feedback.safetensors"' in entry
     # the entry validates beside a base entry, its LoRA paths relative to the stage folder
@@ -153,7 +160,38 @@ def test_registry_entry_stacks_the_loras(tiny_models: Any, tmp_path: Path) -> No
     spec = load_registry(registry_file).get("tiny-dmd")
     assert [lora.name for lora in spec.loras] == ["tiny-feedback", "tiny-dmd"]
     assert all(lora.path.exists() for lora in spec.loras)
-    assert (spec.recipe, spec.default_steps) == ("unified-1step-lora", 1)
+    assert (spec.recipe, spec.steps, spec.default_steps) == ("1step-unet", (1,), 1)
+
+
+def test_the_trained_one_step_is_the_served_one(tiny_models: Any) -> None:
+    """DMD's 1-step x̂0 from t = 800 in training is what the served ``1step-unet`` recipe (LCM,
+    ``timesteps=[800]``) makes of the same noise; another timestep gives other images."""
+    torch.set_num_threads(1)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_models.sd15, local_files_only=True, use_safetensors=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    recipe = RECIPES[ONE_STEP_RECIPES[800]]
+    assert recipe.timesteps == (800,)
+    pipe.scheduler = recipe.build_scheduler(pipe.scheduler.config)
+    alphas = pipe.scheduler.alphas_cumprod.float()
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["a small red circle", "a large blue cross"]
+    text = pipe.encode_prompt(prompts, "cpu", 1, do_classifier_free_guidance=False)[0]
+    with torch.no_grad():
+        trained = sample_x0(pipe.unet, noise, text, alphas, 1, one_step_timestep=800)
+        served = pipe(
+            prompts,
+            latents=noise,
+            timesteps=list(recipe.timesteps),
+            guidance_scale=0.0,
+            output_type="latent",
+            height=64,
+            width=64,
+        ).images
+        other = sample_x0(pipe.unet, noise, text, alphas, 1, one_step_timestep=500)
+    torch.testing.assert_close(trained, served, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(other, served, atol=1e-2)
 
 
 def test_stopped_run_resumes(tiny_models: Any, tmp_path: Path) -> None:
@@ -172,6 +210,10 @@ def test_bad_settings_are_refused(tmp_path: Path) -> None:
         run(tiny_config("x", tmp_path), "lcm")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="structure_window"):
         run(tiny_config("x", tmp_path, structure_window=(1, 2, 3)), "feedback")
+    with pytest.raises(ValueError, match="lr_schedule must be 'constant' or 'cosine'"):
+        run(tiny_config("x", tmp_path, lr_schedule="linear"), "dmd")
+    with pytest.raises(ValueError, match="one_step_timestep must be one of 999, 800"):
+        run(tiny_config("x", tmp_path, one_step_timestep=500), "dmd")
 
 
 def test_shapes_base_model(tmp_path: Path) -> None:

@@ -260,7 +260,7 @@ sizes = ["64x64"]
 [models.sdxl-1step]
 extends = "sdxl-teacher"
 unet = "sdxl-1step-unet.safetensors"
-recipe = "sdxl-1step-unet"
+recipe = "1step-unet"
 
 [models.sdxl-cfg]
 extends = "sdxl-teacher"

@@ -623,8 +623,10 @@ def sample_grid_from(
     resolution: int,
     path: Path,
     sampler: Literal["ddim-trailing", "lcm"] = "ddim-trailing",
+    timesteps: tuple[int, ...] | None = None,
 ) -> None:
-    """A grid of ``unet``'s images, one per caption (seed = index), no CFG."""
+    """A grid of ``unet``'s images, one per caption (seed = index), no CFG; ``timesteps``
+    overrides the sampler's spacing (e.g. (800,): one step from t = 800)."""
     scheduler: DDIMScheduler | LCMScheduler
     if sampler == "lcm":
         scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -644,7 +646,8 @@ def sample_grid_from(
     with torch.no_grad():
         images = sampling(
             prompt=captions,
-            num_inference_steps=steps,
+            num_inference_steps=None if timesteps else steps,
+            timesteps=list(timesteps) if timesteps else None,
             guidance_scale=0.0,
             generator=generators,
             height=resolution,
@@ -902,7 +905,7 @@ def export_stage(
         alpha=cfg.lora_alpha,
         target_modules=list(cfg.lora_targets),
     )
-    unified = method == "lcm" or k == 1
+    recipe = "unified-1step-lora" if method == "lcm" or k == 1 else "nstep-lora"
     description = (
         f"{cfg.registry_base} + LCM-LoRA baseline (TCD; LCM's sampler is eta = 1)"
         if method == "lcm"
@@ -913,7 +916,7 @@ def export_stage(
         f"{name}.safetensors",
         base=cfg.registry_base,
         steps=k,
-        unified=unified,
+        recipe=recipe,
         description=description,
     )
     (folder / "registry.toml").write_text(entry)

@@ -54,6 +54,7 @@ from training.config import config_to_dict, load_config
 from training.devices import resolve_device, to_device
 from training.distill import build_encoder, load_teacher, sample_grid_from, trailing_timesteps
 from training.lora_export import export_lora, lora_state_dict, registry_entry, save_peft_lora
+from training.netio import warmup_cosine
 from training.objectives.dmd import dmd_losses, fake_score_losses
 from training.objectives.feedback import (
     RewardFn,
@@ -67,6 +68,8 @@ from training.objectives.solvers import ddim_step, x0_from_epsilon
 from training.rewards import RewardSpec, load_reward
 
 Method = Literal["feedback", "dmd"]
+# the served recipe of a DMD 1-step model, by the timestep its one step starts from
+ONE_STEP_RECIPES = {999: "unified-1step-lora", 800: "1step-unet"}
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class EnhanceConfig:
     batch_size: int = 16
     lr: float = 5e-5
     warmup_steps: int = 20
+    lr_schedule: str = "constant"  # after the warm-up: constant | cosine (decay to 10% of lr)
     grad_clip: float = 1.0
     resolution: int = 64
     # the student's sampler (ReFL stops at a random step of it): DDIM trailing, this many steps
@@ -119,8 +123,11 @@ class EnhanceConfig:
     # regression target)
     anchor_loras: tuple[str, ...] = ()
     anchor_steps: int = 4
-    # DMD
-    dmd_weight: float = 1.0
+    # DMD: the student's one step starts from pure noise labelled with this timestep: 999 for
+    # the unified LoRA (TCD), 800 for a fixed-timestep 1-step model (Hyper-SDXL's 1-step UNet:
+    # ᾱ is 8x larger there, so an ε error weighs 5x in x̂0 instead of 15x)
+    one_step_timestep: int = 999
+    dmd_weight: float = 1.0  # 0: no fake score (the anchor regression and rewards only)
     dmd_guidance: float = 2.0  # the real score's CFG ω
     fake_rank: int = 32
     fake_lr: float = 1e-4
@@ -191,7 +198,7 @@ def build_models(cfg: EnhanceConfig, method: Method, device: torch.device) -> Mo
         student.enable_gradient_checkpointing()
     student.train()
     fake_score = None
-    if method == "dmd":
+    if method == "dmd" and cfg.dmd_weight > 0:
         # DMD2 starts the fake score at the teacher: a LoRA (B = 0) on a copy of it
         fake_score = copy.deepcopy(pipe.unet).requires_grad_(False)
         fake_score.add_adapter(
@@ -330,10 +337,19 @@ def adapters_off(unet: UNet2DConditionModel) -> Iterator[None]:
 
 
 def sample_x0(
-    unet: UNet2DConditionModel, noise: Tensor, text: Tensor, alphas: Tensor, steps: int
+    unet: UNet2DConditionModel,
+    noise: Tensor,
+    text: Tensor,
+    alphas: Tensor,
+    steps: int,
+    one_step_timestep: int | None = None,
 ) -> Tensor:
-    """x̂0 of the DDIM-trailing sampler in ``steps`` steps from ``noise`` (no CFG, as served)."""
-    timesteps = trailing_timesteps(alphas.shape[0], steps)
+    """x̂0 of the DDIM-trailing sampler in ``steps`` steps from ``noise`` (no CFG, as served);
+    with ``one_step_timestep``, one step from pure noise labelled with that timestep instead."""
+    if one_step_timestep is not None:
+        timesteps: tuple[int, ...] = (one_step_timestep,)
+    else:
+        timesteps = trailing_timesteps(alphas.shape[0], steps)
     x = noise
     for i, step_t in enumerate(timesteps):
         t = torch.full((noise.shape[0],), step_t, device=noise.device, dtype=torch.long)
@@ -370,14 +386,14 @@ def student_losses(
             timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
             x0_start = x0_from_epsilon(x_t, student(x_t, timesteps, text).sample, timesteps, alphas)
     else:
-        x0 = sample_x0(student, noise, text, alphas, 1)
+        x0 = sample_x0(student, noise, text, alphas, 1, cfg.one_step_timestep)
         with torch.no_grad():
             if models.anchor is not None:
                 x0_start = sample_x0(models.anchor, noise, text, alphas, cfg.anchor_steps)
             else:
                 with adapters_off(student):
-                    x0_start = sample_x0(student, noise, text, alphas, 1)
-        assert models.fake_score is not None
+                    x0_start = sample_x0(student, noise, text, alphas, 1, cfg.one_step_timestep)
+    if models.fake_score is not None:
         dmd = dmd_losses(
             x0,
             models.teacher,
@@ -394,7 +410,7 @@ def student_losses(
     feedback = rewards.feedback(latents_to_images(vae, x0), batch.captions)
     terms |= {k: v for k, v in feedback.items() if k != "feedback"}
     loss = feedback["feedback"] + cfg.anchor_weight * terms["anchor"]
-    if method == "dmd":
+    if "dmd" in terms:
         loss = loss + cfg.dmd_weight * terms["dmd"]
     if rewards.segmentation is not None and batch.render_latents is not None:
         assert batch.masks is not None
@@ -434,6 +450,8 @@ def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.devi
     empty = models.encode([""])
     generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + step)
     stop_at = step + cfg.stop_after if cfg.stop_after else None
+    floor = 0.1 if cfg.lr_schedule == "cosine" else 1.0
+    lr_factor = warmup_cosine(cfg.warmup_steps, cfg.steps, floor=floor)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
 
     def save(done: int) -> None:
@@ -463,7 +481,9 @@ def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.devi
             for _ in range(cfg.fake_updates):
                 noise = torch.randn(batch.latent_shape, generator=generator, device=device)
                 with torch.no_grad(), autocast:
-                    generated = sample_x0(models.student, noise, text, models.alphas_cumprod, 1)
+                    generated = sample_x0(
+                        models.student, noise, text, models.alphas_cumprod, 1, cfg.one_step_timestep
+                    )
                 with autocast:
                     fake = fake_score_losses(
                         models.fake_score,
@@ -478,7 +498,7 @@ def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.devi
             values["fake/loss"] = float(fake["loss"].detach())
         # 3. the student's update
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+            group["lr"] = cfg.lr * lr_factor(step)
         with autocast:
             losses = student_losses(cfg, method, models, rewards, batch, text, empty, generator)
         optimizer.zero_grad(set_to_none=True)
@@ -512,9 +532,22 @@ def export(cfg: EnhanceConfig, method: Method, models: Models) -> str:
         target_modules=list(cfg.lora_targets),
     )
     captions = fixed_captions(cfg.sample_count)
-    steps = 1 if method == "dmd" else cfg.sampler_steps
     grid = out / "final.png"
-    sample_grid_from(models.pipe, models.student, captions, steps, cfg.resolution, grid)
+    if method == "dmd":  # the served 1-step sampler: one step from one_step_timestep
+        sample_grid_from(
+            models.pipe,
+            models.student,
+            captions,
+            1,
+            cfg.resolution,
+            grid,
+            sampler="lcm",
+            timesteps=(cfg.one_step_timestep,),
+        )
+    else:
+        sample_grid_from(
+            models.pipe, models.student, captions, cfg.sampler_steps, cfg.resolution, grid
+        )
     # every LoRA of the model, the start ones first, as paths relative to out_dir
     loras = [
         (Path(path).stem, os.path.relpath(Path(path).resolve(), out.resolve()))
@@ -526,7 +559,7 @@ def export(cfg: EnhanceConfig, method: Method, models: Models) -> str:
         loras,
         base=cfg.registry_base,
         steps=1,
-        unified=True,
+        recipe=ONE_STEP_RECIPES[cfg.one_step_timestep] if method == "dmd" else "unified-1step-lora",
         description=f"{cfg.registry_base} + " + " + ".join(name for name, _ in loras),
     )
     (out / "registry.toml").write_text(entry)
@@ -542,6 +575,13 @@ def run(cfg: EnhanceConfig, method: Method) -> Path | None:
     if cfg.prompts is not None and cfg.structure_weight > 0:
         print("structure loss off: it needs rendered Shapes scenes, not a prompts file")
         cfg = replace(cfg, structure_weight=0.0)
+    if cfg.one_step_timestep not in ONE_STEP_RECIPES:
+        raise ValueError(
+            f"one_step_timestep must be one of {', '.join(map(str, ONE_STEP_RECIPES))} "
+            f"(the 1-step recipes' timesteps), got {cfg.one_step_timestep}"
+        )
+    if cfg.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
     if cfg.anchor_steps < 1:
         raise ValueError(f"anchor_steps must be >= 1, got {cfg.anchor_steps}")
     if cfg.mixed_precision not in ("no", "bf16"):

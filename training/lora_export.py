@@ -22,6 +22,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from hypersd.lora import save_kohya_lora
+from hypersd.recipes import RECIPES
 
 
 def lora_state_dict(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -126,31 +127,37 @@ def registry_entry(
     *,
     base: str,
     steps: int,
-    unified: bool,
+    recipe: str = "nstep-lora",
     description: str = "",
 ) -> str:
     """The ``models/registry.toml`` block that serves an exported LoRA over its base model.
 
-    N-step LoRAs are served with DDIM trailing at their step count (recipe ``nstep-lora``); the
-    unified 1-step LoRA (and an LCM-style LoRA) with TCD at 1-8 steps (``unified-1step-lora``).
-    ``loras`` is one LoRA file, or ``(name, file)`` pairs fused in that order (e.g. the TSCD LoRA,
-    then the feedback LoRA over it); files are relative to the registry file.
+    Args:
+        name: The entry's model name.
+        loras: One LoRA file, or ``(name, file)`` pairs fused in that order (e.g. the TSCD LoRA,
+            then the feedback LoRA over it); files are relative to the registry file.
+        base: The entry it extends (base weights, sizes, backend).
+        steps: The step count of an N-step LoRA (recipe ``nstep-lora``: DDIM trailing).
+        recipe: ``nstep-lora``; ``unified-1step-lora`` (the unified 1-step LoRA or an LCM-style
+            LoRA: TCD at 1, 2, 4, 8 steps); or ``1step-unet`` (one step from t = 800).
+        description: One line (default: the recipe's).
     """
+    steps_lines = {
+        "nstep-lora": f"steps = [{steps}]\ndefault_steps = {steps}\n",
+        "unified-1step-lora": "steps = [1, 2, 4, 8]\ndefault_steps = 1\n",
+        "1step-unet": "",  # the recipe's: 1 step
+    }
+    if recipe not in steps_lines:
+        raise ValueError(f"recipe must be one of {', '.join(steps_lines)}; got {recipe!r}")
     if isinstance(loras, str):
         loras = [(name.removeprefix(f"{base}-") or name, loras)]
-    if unified:
-        recipe, steps_line = "unified-1step-lora", "steps = [1, 2, 4, 8]\ndefault_steps = 1"
-    else:
-        recipe, steps_line = "nstep-lora", f"steps = [{steps}]\ndefault_steps = {steps}"
-    text = description or (
-        f"{base} + unified 1-step LoRA (TCD)" if unified else f"{base} + {steps}-step LoRA (DDIM)"
-    )
+    text = description or f"{base} + {RECIPES[recipe].description}"
     return (
         f"[models.{name}]\n"
         f'description = "{text}"\n'
         f'extends = "{base}"\n'
         f'recipe = "{recipe}"\n'
-        f"{steps_line}\n"
+        f"{steps_lines[recipe]}"
         "loras = ["
         + ", ".join(f'{{ name = "{lora}", path = "{file}" }}' for lora, file in loras)
         + "]\n"
