@@ -182,6 +182,18 @@ def test_cli_reference_renders(tmp_path: Path, capsys: pytest.CaptureFixture[str
         assert grid.size == (8 * 68, 8 * 68)
 
 
+def test_cli_held_out_caption_set(tmp_path: Path) -> None:
+    """--caption-set picks another fixed caption set (for choosing between training runs
+    without looking at the tables' captions); 0 is the tables' own."""
+    argv = ["--reference", "renders", "--captions", "20", "--quiet"]
+    assert evaluate.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert evaluate.main([*argv, "--caption-set", "1", "--out", str(tmp_path / "b")]) == 0
+    table, held_out = _read_json(tmp_path / "a"), _read_json(tmp_path / "b")
+    assert table["grid_captions"] == fixed_captions(20)
+    assert held_out["grid_captions"] == fixed_captions(20, seed=1) != fixed_captions(20)
+    assert held_out["meta"]["caption_set"] == 1 and held_out["adherence"]["all"] >= 0.95
+
+
 def test_cli_registry_model_through_the_pipeline_api(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

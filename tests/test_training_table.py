@@ -87,3 +87,15 @@ def test_fingerprint_follows_the_weight_files(tiny_models: Any, tmp_path: Path) 
     shutil.copy(target, lora_file)
     os.utime(lora_file, ns=(1, 1))
     assert model_fingerprint(cfg, lora_entry) != before
+
+
+def test_shipped_table_config_names_registry_models() -> None:
+    """`make table`'s config: every row's model is a shipped registry entry that allows the row's
+    step counts, and the claims name rows of the table."""
+    cfg = TableConfig.load(ROOT / "training" / "configs" / "table-shapes.yaml")
+    registry = load_registry(ROOT / cfg.registry) if cfg.registry else load_registry()
+    labels = {row.label for row in cfg.rows}
+    assert cfg.final in labels and cfg.teacher in labels and set(cfg.baselines) <= labels
+    for row in cfg.rows:
+        for steps, model in row.models.items():
+            assert steps in registry.get(model).steps, (row.label, steps, model)

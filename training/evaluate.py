@@ -473,6 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, help="generate at this size (default: the model's)")
     parser.add_argument("--captions", type=int, default=500, help="number of fixed captions")
     parser.add_argument("--seed", type=int, default=0, help="seed of generation and real renders")
+    parser.add_argument(
+        "--caption-set",
+        type=int,
+        default=0,
+        help="0: the fixed evaluation captions (the tables'); another number: another fixed set, "
+        "held out from the tables, for choosing between training runs",
+    )
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--attributes", default=str(DEFAULT_MODEL_DIR), help="attribute network")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -490,7 +497,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = None if args.device == "auto" else args.device
-    captions = fixed_captions(args.captions)
+    captions = (
+        fixed_captions(args.captions)
+        if args.caption_set == 0
+        else fixed_captions(args.captions, seed=args.caption_set)
+    )
     started = time.time()
     images: Sequence[ImageLike]
     if args.reference == "renders":
@@ -533,6 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "guidance": args.guidance,
         "eta": args.eta,
         "captions": args.captions,
+        "caption_set": args.caption_set,
         "seed": args.seed,
         "generation_seconds": round(generation_seconds, 1),
     }
