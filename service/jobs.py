@@ -41,7 +41,8 @@ def submit(
     served: Collection[str],
     idempotency_key: str | None = None,
 ) -> JobRecord:
-    """Validate, store and enqueue a job; a known idempotency key returns its job instead.
+    """Validate, store and enqueue a job; a known idempotency key returns its job instead (and
+    publishes it again while it is still queued).
 
     ``served`` are the models this deployment runs workers for: a job for another registry
     model would wait for a worker that never comes (embedded mode holds one model).
@@ -65,6 +66,12 @@ def submit(
     if stored.id == record.id:
         queue.submit(record)
         JOBS_SUBMITTED.labels(record.model).inc()
+    elif stored.status == JobStatus.QUEUED:
+        # A retry of a job that is still queued publishes it again: the first publish may have
+        # failed after the job was stored (the client got a 503 and retried), and then no worker
+        # would ever see it. A second message is harmless: the worker's claim (queued -> running)
+        # lets only one delivery run the job.
+        queue.submit(stored)
     return stored
 
 
