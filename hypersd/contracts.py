@@ -115,6 +115,9 @@ class JobRecord(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     worker: str | None = None
+    # the delivery that claimed the job: a claim retried after its reply was lost (Redis dropped
+    # between the write and the answer) recognises its own write instead of skipping the job
+    claim: str | None = None
     attempts: int = 0
     error: ErrorDetail | None = None
     timings: dict[str, float] = Field(default_factory=dict)

@@ -99,9 +99,12 @@ def test_fingerprint_depends_on_the_body_only() -> None:
 
 def test_only_a_queued_job_starts_and_a_canceled_one_keeps_its_status(registry: Registry) -> None:
     record = resolve_request(GenerateRequest(prompt=PROMPT), registry)
-    running = start("w1")(record)
+    running = start("w1", "delivery-1")(record)
     assert running is not None and running.status == JobStatus.RUNNING
-    assert start("w2")(running) is None  # a second delivery never runs it again
+    assert start("w2", "delivery-2")(running) is None  # a second delivery never runs it again
+    assert start("w1", "delivery-3")(running) is None  # not even on the same worker
+    # the same claim retried (its reply was lost): the job is this delivery's, as it stands
+    assert start("w1", "delivery-1")(running) == running
     canceled = running.model_copy(update={"status": JobStatus.CANCELED})
     assert finish("w1", JobStatus.SUCCEEDED)(canceled) is None  # the result is discarded
     requeued = requeue("w1")(running)

@@ -50,7 +50,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
 
 def test_wait_returns_when_the_job_ends_not_at_the_next_recheck(store: JobStore) -> None:
     record = store.create(new_record())
-    store.update(record.id, start("w"))
+    store.update(record.id, start("w", "delivery"))
 
     def finish_soon() -> None:
         time.sleep(0.3)

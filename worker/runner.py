@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -47,10 +48,15 @@ class Generated:
     timings: dict[str, float]
 
 
-def start(worker_id: str) -> Change:
-    """queued -> running on `worker_id`; anything else stays (canceled jobs never run)."""
+def start(worker_id: str, claim: str) -> Change:
+    """queued -> running on `worker_id` for the delivery `claim`; anything else stays (canceled
+    jobs never run, a second delivery never runs a job again). A job already running under this
+    very claim is returned as it is: the claim's write went through but its reply was lost, and
+    the worker retried it."""
 
     def change(record: JobRecord) -> JobRecord | None:
+        if record.status == JobStatus.RUNNING and record.claim == claim:
+            return record
         if record.status != JobStatus.QUEUED:
             return None
         return record.model_copy(
@@ -58,6 +64,7 @@ def start(worker_id: str) -> Change:
                 "status": JobStatus.RUNNING,
                 "started_at": time.time(),
                 "worker": worker_id,
+                "claim": claim,
                 "attempts": record.attempts + 1,
             }
         )
@@ -190,7 +197,8 @@ class JobRunner:
     def _run_job(self, job_id: str) -> None:
         from hypersd.pipeline import ImageRequest
 
-        record = self._stored(job_id, lambda: self.store.update(job_id, start(self.worker_id)))
+        claim = start(self.worker_id, uuid.uuid4().hex)  # one per delivery
+        record = self._stored(job_id, lambda: self.store.update(job_id, claim))
         if record is None:
             log.info("job %s is not queued (canceled, done or expired): skipped", job_id)
             return
