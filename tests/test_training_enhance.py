@@ -179,7 +179,7 @@ def test_the_trained_one_step_is_the_served_one(tiny_models: Any) -> None:
     prompts = ["a small red circle", "a large blue cross"]
     text = pipe.encode_prompt(prompts, "cpu", 1, do_classifier_free_guidance=False)[0]
     with torch.no_grad():
-        trained = sample_x0(pipe.unet, noise, text, alphas, 1, one_step_timestep=800)
+        trained = sample_x0(pipe.unet, noise, text, alphas, (800,))
         served = pipe(
             prompts,
             latents=noise,
@@ -189,7 +189,7 @@ def test_the_trained_one_step_is_the_served_one(tiny_models: Any) -> None:
             height=64,
             width=64,
         ).images
-        other = sample_x0(pipe.unet, noise, text, alphas, 1, one_step_timestep=500)
+        other = sample_x0(pipe.unet, noise, text, alphas, (500,))
     torch.testing.assert_close(trained, served, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(other, served, atol=1e-2)
 

@@ -341,15 +341,10 @@ def sample_x0(
     noise: Tensor,
     text: Tensor,
     alphas: Tensor,
-    steps: int,
-    one_step_timestep: int | None = None,
+    timesteps: Sequence[int],
 ) -> Tensor:
-    """x̂0 of the DDIM-trailing sampler in ``steps`` steps from ``noise`` (no CFG, as served);
-    with ``one_step_timestep``, one step from pure noise labelled with that timestep instead."""
-    if one_step_timestep is not None:
-        timesteps: tuple[int, ...] = (one_step_timestep,)
-    else:
-        timesteps = trailing_timesteps(alphas.shape[0], steps)
+    """x̂0 of DDIM from ``noise`` through ``timesteps`` (no CFG, as served): the trailing
+    schedule of an N-step model, or ``(t,)`` for a 1-step model labelling pure noise t."""
     x = noise
     for i, step_t in enumerate(timesteps):
         t = torch.full((noise.shape[0],), step_t, device=noise.device, dtype=torch.long)
@@ -386,13 +381,14 @@ def student_losses(
             timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
             x0_start = x0_from_epsilon(x_t, student(x_t, timesteps, text).sample, timesteps, alphas)
     else:
-        x0 = sample_x0(student, noise, text, alphas, 1, cfg.one_step_timestep)
+        x0 = sample_x0(student, noise, text, alphas, (cfg.one_step_timestep,))
         with torch.no_grad():
             if models.anchor is not None:
-                x0_start = sample_x0(models.anchor, noise, text, alphas, cfg.anchor_steps)
+                anchor_schedule = trailing_timesteps(alphas.shape[0], cfg.anchor_steps)
+                x0_start = sample_x0(models.anchor, noise, text, alphas, anchor_schedule)
             else:
                 with adapters_off(student):
-                    x0_start = sample_x0(student, noise, text, alphas, 1, cfg.one_step_timestep)
+                    x0_start = sample_x0(student, noise, text, alphas, (cfg.one_step_timestep,))
     if models.fake_score is not None:
         dmd = dmd_losses(
             x0,
@@ -482,7 +478,7 @@ def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.devi
                 noise = torch.randn(batch.latent_shape, generator=generator, device=device)
                 with torch.no_grad(), autocast:
                     generated = sample_x0(
-                        models.student, noise, text, models.alphas_cumprod, 1, cfg.one_step_timestep
+                        models.student, noise, text, models.alphas_cumprod, (cfg.one_step_timestep,)
                     )
                 with autocast:
                     fake = fake_score_losses(
