@@ -69,6 +69,7 @@ from training.rewards import RewardSpec, load_reward
 
 Method = Literal["feedback", "dmd"]
 # the served recipe of a DMD 1-step model, by the timestep its one step starts from
+# (tests check it against the recipes' own timesteps)
 ONE_STEP_RECIPES = {999: "unified-1step-lora", 800: "1step-unet"}
 
 
@@ -446,7 +447,7 @@ def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.devi
     empty = models.encode([""])
     generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + step)
     stop_at = step + cfg.stop_after if cfg.stop_after else None
-    floor = 0.1 if cfg.lr_schedule == "cosine" else 1.0
+    floor = 0.1 if cfg.lr_schedule == "cosine" else 1.0  # a floor of 1: constant after warm-up
     lr_factor = warmup_cosine(cfg.warmup_steps, cfg.steps, floor=floor)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
 
@@ -529,21 +530,14 @@ def export(cfg: EnhanceConfig, method: Method, models: Models) -> str:
     )
     captions = fixed_captions(cfg.sample_count)
     grid = out / "final.png"
+    sampler: Literal["ddim-trailing", "lcm"]
     if method == "dmd":  # the served 1-step sampler: one step from one_step_timestep
-        sample_grid_from(
-            models.pipe,
-            models.student,
-            captions,
-            1,
-            cfg.resolution,
-            grid,
-            sampler="lcm",
-            timesteps=(cfg.one_step_timestep,),
-        )
+        steps, sampler, timesteps = 1, "lcm", (cfg.one_step_timestep,)
     else:
-        sample_grid_from(
-            models.pipe, models.student, captions, cfg.sampler_steps, cfg.resolution, grid
-        )
+        steps, sampler, timesteps = cfg.sampler_steps, "ddim-trailing", None
+    sample_grid_from(
+        models.pipe, models.student, captions, steps, cfg.resolution, grid, sampler, timesteps
+    )
     # every LoRA of the model, the start ones first, as paths relative to out_dir
     loras = [
         (Path(path).stem, os.path.relpath(Path(path).resolve(), out.resolve()))
