@@ -1,9 +1,9 @@
 # hypersd image. CPU by default; for NVIDIA GPUs build with
-#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 --build-arg EXTRAS=service,worker,gpu .
+#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 --build-arg EXTRAS=gateway,worker,gpu .
 FROM python:3.11-slim AS base
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-ARG EXTRAS=service,worker,onnx
+ARG EXTRAS=gateway,worker,onnx
 
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -14,6 +14,8 @@ WORKDIR /app
 RUN pip install --index-url "${TORCH_INDEX}" "torch==2.13.0"
 COPY pyproject.toml README.md ./
 COPY hypersd ./hypersd
+COPY jobs ./jobs
+COPY launcher ./launcher
 COPY training ./training
 COPY service ./service
 COPY worker ./worker

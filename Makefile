@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (see README.md):
 #   make run    serve the embedded default model on http://127.0.0.1:8000 (gateway + in-process worker)
-#   make test   lint, type-check and run the test suite
+#   make test   lint, type-check, check the import layers and run the test suite
 # Both create .venv on first use and reuse it afterwards.
 
 VENV := .venv
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch is pinned to 2.13.0: on the project's CPU machines that is the local CPU build.
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[service,worker,training,onnx,dev]"
+	$(PY) -m pip install --quiet -e ".[gateway,worker,training,onnx,dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -27,6 +27,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(VENV)/bin/pytest

@@ -142,7 +142,7 @@ def _end_to_end(
         env |= {"OMP_NUM_THREADS": str(args.threads), "HYPERSD_TORCH_THREADS": str(args.threads)}
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cli = [sys.executable, "-m", "hypersd.cli"]
+    cli = [sys.executable, "-m", "launcher"]
     with (
         _process([*cli, "worker"], env, logs / f"worker-{max_batch_size}.log"),
         _process([*cli, "serve", "--port", str(port)], env, logs / "gateway.log"),

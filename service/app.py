@@ -1,20 +1,16 @@
 """The FastAPI app: `create_app(settings)` wires the job store, the queue and the routes.
 
-With `REDIS_URL` set, the gateway only enqueues (Celery workers run the jobs). Without it, embedded
-mode: the lifespan loads and warms up the default model in this process, behind `LocalQueue`, which
-runs the same `JobRunner` and micro-batcher as a Celery worker; the server listens once it is ready.
+By default the gateway only enqueues: jobs go to Celery workers on Redis (`REDIS_URL`), and job
+state and images are read back from Redis. Whatever provides the job store and the queue is a
+parameter (`services`), so embedded mode (`launcher.embedded`) can serve the same routes with the
+model running in this process, without this package importing the worker.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
-import anyio
 import redis
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -22,14 +18,14 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from hypersd.registry import Registry, load_registry
+from jobs.queue import CeleryQueue, create_celery
+from jobs.settings import Settings
+from jobs.store import RedisJobStore
 from service import errors, generations, openai_compat, system
 from service.deps import Services
 from service.metrics import JobsCollector, RequestMetrics
-from service.settings import Settings
-from worker.heartbeat import Heartbeat
-from worker.queue import CeleryQueue, LocalQueue
-from worker.runner import load_runner
-from worker.store import MemoryJobStore, RedisJobStore
+
+ServicesFactory = Callable[[Settings, Registry], AbstractAsyncContextManager[Services]]
 
 
 def _publish(app: FastAPI, services: Services) -> None:
@@ -42,14 +38,16 @@ def _publish(app: FastAPI, services: Services) -> None:
 
 
 @asynccontextmanager
-async def _gateway_only(settings: Settings, registry: Registry) -> AsyncIterator[Services]:
-    """REDIS_URL set: jobs go to Celery workers; job state and images are read from Redis."""
-    from worker.celery_app import create_celery
-
+async def redis_services(settings: Settings, registry: Registry) -> AsyncIterator[Services]:
+    """Jobs go to Celery workers; job state and images are read from Redis."""
+    if not settings.redis_url:
+        raise ValueError(
+            "the gateway needs REDIS_URL (without it, `hypersd serve` embeds a worker)"
+        )
     # Fail fast while Redis is down (a 503 now, not a request stuck in reconnect back-off); one
     # retry still covers a connection that went stale.
     client = redis.Redis.from_url(
-        settings.redis_url or "",
+        settings.redis_url,
         socket_connect_timeout=2,
         socket_timeout=10,
         retry=Retry(NoBackoff(), retries=1),
@@ -67,48 +65,22 @@ async def _gateway_only(settings: Settings, registry: Registry) -> AsyncIterator
         client.close()
 
 
-@asynccontextmanager
-async def _embedded(settings: Settings, registry: Registry) -> AsyncIterator[Services]:
-    """No REDIS_URL: load and warm up the model here, behind the in-process queue."""
-    spec = registry.get(settings.model)
-    # Without a configured folder, images live in a scratch folder removed at shutdown.
-    images_dir = settings.images_dir or Path(tempfile.mkdtemp(prefix="hypersd-images-"))
-    store = MemoryJobStore(images_dir, settings.job_ttl_s)
-    runner = await anyio.to_thread.run_sync(
-        lambda: load_runner(
-            spec,
-            store,
-            worker_id=f"{spec.name}@embedded.{os.getpid()}",
-            slots=settings.slots,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            job_timeout_s=settings.job_timeout_s,
-            device=settings.device,
-            torch_threads=settings.torch_threads,
-        )
-    )
-    queue = LocalQueue(runner, settings.slots)
-    heartbeat = Heartbeat(
-        store, runner.info, interval_s=settings.heartbeat_interval_s, file=settings.heartbeat_file
-    )
-    heartbeat.start()
-    try:
-        yield Services(settings, registry, store, queue, served=[spec.name])
-    finally:
-        heartbeat.stop()
-        await anyio.to_thread.run_sync(queue.close)  # finish the jobs taken (drain)
-        if settings.images_dir is None:
-            shutil.rmtree(images_dir, ignore_errors=True)
+def create_app(
+    settings: Settings | None = None, services: ServicesFactory = redis_services
+) -> FastAPI:
+    """The gateway's app.
 
-
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or Settings()
+    Args:
+        settings: Read from the environment when not given.
+        services: Opens the job store and the queue for the app's lifetime (default: Redis and
+            Celery workers).
+    """
+    resolved = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        registry = load_registry(settings.registry)
-        services = _gateway_only if settings.redis_url else _embedded
-        async with services(settings, registry) as ready:
+        registry = load_registry(resolved.registry)
+        async with services(resolved, registry) as ready:
             _publish(app, ready)
             yield
 

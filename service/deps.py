@@ -1,8 +1,9 @@
 """What routes depend on, as `Annotated` aliases: `store: StoreDep` and so on.
 
-The objects are built once, by the app's lifespan (`service.app`), and kept in `app.state`. The
-getters are `async` although they do not await: FastAPI runs a sync dependency in its thread pool,
-a thread hop per dependency per request (about a millisecond for a generation route's four).
+The objects are built once, by the app's lifespan (`service.app.create_app`), and kept in
+`app.state`. The getters are `async` although they do not await: FastAPI runs a sync dependency in
+its thread pool, a thread hop per dependency per request (about a millisecond for a generation
+route's four).
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from hypersd.registry import Registry
-from service.settings import Settings
-from worker.queue import JobQueue
-from worker.store import JobStore
+from jobs.queue import JobQueue
+from jobs.settings import Settings
+from jobs.store import JobStore
 
 
 @dataclass

@@ -11,7 +11,7 @@ from kombu.exceptions import OperationalError
 from starlette.exceptions import HTTPException
 
 from hypersd.contracts import ErrorBody, ErrorDetail, RequestError
-from worker.store import STORE_DOWN
+from jobs.store import STORE_DOWN
 
 log = logging.getLogger(__name__)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
 
-from hypersd.contracts import ErrorBody, GenerateRequest, Job, JobRecord, JobStatus
-from service import jobs
+from hypersd.contracts import ErrorBody, GenerateRequest, Job, JobStatus
+from jobs import states
+from jobs.record import JobRecord
+from service import job_service
 from service.deps import QueueDep, RegistryDep, ServicesDep, SettingsDep, StoreDep
 from service.errors import ApiError
 
@@ -43,7 +44,7 @@ async def create_generation(
 
     The same `Idempotency-Key` with the same body gives back the same job; with another, 409.
     """
-    record = jobs.submit(
+    record = job_service.submit(
         body,
         registry=registry,
         store=store,
@@ -51,36 +52,31 @@ async def create_generation(
         served=services.served,
         idempotency_key=idempotency_key,
     )
-    wait_s = jobs.prefer_wait(prefer, settings.max_prefer_wait_s)
+    wait_s = job_service.prefer_wait(prefer, settings.max_prefer_wait_s)
     if wait_s is not None:
-        record = await jobs.wait(store, record.id, wait_s) or record
+        record = await job_service.wait(store, record.id, wait_s) or record
         response.headers["Preference-Applied"] = f"wait={wait_s:g}"
     if record.status.terminal:
         response.status_code = 200
     response.headers["Location"] = f"/v1/generations/{record.id}"
-    return jobs.to_job(record, store, str(request.base_url), settings.job_ttl_s)
+    return job_service.to_job(record, store, str(request.base_url), settings.job_ttl_s)
 
 
 @router.get("/{job_id}", response_model=Job, responses=_ERRORS)
 def get_generation(job_id: str, request: Request, store: StoreDep, settings: SettingsDep) -> Job:
     """The job's status, timings, seeds, images (when succeeded) and error (when failed)."""
-    return jobs.to_job(_get(store, job_id), store, str(request.base_url), settings.job_ttl_s)
+    return job_service.to_job(_get(store, job_id), store, str(request.base_url), settings.job_ttl_s)
 
 
 @router.post("/{job_id}/cancel", response_model=Job, responses=_ERRORS)
 def cancel_generation(job_id: str, request: Request, store: StoreDep, settings: SettingsDep) -> Job:
     """A queued job never runs; a running one is marked canceled and its result discarded."""
 
-    def cancel(record: JobRecord) -> JobRecord | None:
-        if record.status.terminal:
-            return None
-        return record.model_copy(update={"status": JobStatus.CANCELED, "finished_at": time.time()})
-
-    record = store.update(job_id, cancel)
+    record = store.update(job_id, states.cancel)
     if record is None:
         status = _get(store, job_id).status
         raise ApiError(409, "conflict", f"job {job_id!r} is already {status}")
-    return jobs.to_job(record, store, str(request.base_url), settings.job_ttl_s)
+    return job_service.to_job(record, store, str(request.base_url), settings.job_ttl_s)
 
 
 @router.get(
@@ -91,7 +87,7 @@ def cancel_generation(job_id: str, request: Request, store: StoreDep, settings: 
 def get_image(job_id: str, index: int, store: StoreDep, settings: SettingsDep) -> Response:
     """Image `index` of a succeeded job, as stored (PNG, JPEG or WebP)."""
     record = _get(store, job_id)
-    if jobs.public_status(record, settings.job_ttl_s) != JobStatus.SUCCEEDED:
+    if states.public_status(record, settings.job_ttl_s) != JobStatus.SUCCEEDED:
         raise ApiError(404, "not_found", f"job {job_id!r} has no images: it is {record.status}")
     data = store.get_image(job_id, index) if 0 <= index < len(record.seeds) else None
     if data is None:

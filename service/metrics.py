@@ -15,8 +15,8 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hypersd.registry import Registry
-from worker.queue import JobQueue
-from worker.store import JobStore
+from jobs.queue import JobQueue
+from jobs.store import JobStore
 
 REQUESTS = Counter("hypersd_http_requests", "HTTP requests by route and code.", ["route", "code"])
 REQUEST_DURATION = Histogram(

@@ -17,7 +17,7 @@ from hypersd.contracts import (
     OutputFormat,
     RequestError,
 )
-from service import jobs
+from service import job_service
 from service.deps import QueueDep, RegistryDep, ServicesDep, SettingsDep, StoreDep
 from service.errors import ApiError
 
@@ -79,7 +79,7 @@ async def create_images(
             response_format=body.response_format or "url",
             output_format=body.output_format or "png",
         )
-        record = jobs.submit(
+        record = job_service.submit(
             generate, registry=registry, store=store, queue=queue, served=services.served
         )
     except ValidationError as error:  # a size out of every model's range
@@ -88,12 +88,12 @@ async def create_images(
         if error.detail.field in ("width", "height"):
             error.detail.field = "size"
         raise
-    record = await jobs.wait(store, record.id, settings.sync_timeout_s) or record
+    record = await job_service.wait(store, record.id, settings.sync_timeout_s) or record
     if record.status == JobStatus.FAILED and record.error is not None:
         raise ApiError(500, record.error.type, record.error.message)
     if record.status != JobStatus.SUCCEEDED:
         raise ApiError(504, "timeout", f"job {record.id} is {record.status}; poll its status")
-    job = jobs.to_job(record, store, str(request.base_url), settings.job_ttl_s)
+    job = job_service.to_job(record, store, str(request.base_url), settings.job_ttl_s)
     return ImagesResponse(
         created=int(time.time()),
         data=[ImageData(url=image.url, b64_json=image.b64_json) for image in job.images],

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,10 +76,17 @@ class Process:
         self.popen.wait()
 
 
-def start_process(args: list[str], env: dict[str, str], log: Path) -> Process:
+# `hypersd` from this checkout, run by the test's own interpreter.
+HYPERSD = (sys.executable, "-m", "launcher")
+
+
+def start_process(
+    args: list[str], env: dict[str, str], log: Path, hypersd: Sequence[str] = HYPERSD
+) -> Process:
+    """`hypersd ARGS` (`hypersd`: the command, e.g. another install's script)."""
     with log.open("wb") as out:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "hypersd.cli", *args],
+            [*hypersd, *args],
             cwd=REPO,
             env=env,
             stdout=out,
@@ -112,9 +119,11 @@ class Server:
     process: Process
 
 
-def start_server(env: dict[str, str], log: Path, timeout_s: float = 90) -> Server:
+def start_server(
+    env: dict[str, str], log: Path, timeout_s: float = 90, hypersd: Sequence[str] = HYPERSD
+) -> Server:
     port = free_port()
-    process = start_process(["serve", "--port", str(port)], env, log)
+    process = start_process(["serve", "--port", str(port)], env, log, hypersd)
     url = f"http://127.0.0.1:{port}"
 
     def up() -> bool:

@@ -23,7 +23,7 @@ def hypersd(*args: str, registry: Path | None = None) -> subprocess.CompletedPro
     if registry is not None:
         env["HYPERSD_REGISTRY"] = str(registry)
     return subprocess.run(
-        [sys.executable, "-m", "hypersd.cli", *args],
+        [sys.executable, "-m", "launcher", *args],
         capture_output=True,
         text=True,
         env=env,

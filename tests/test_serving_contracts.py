@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from hypersd.contracts import GenerateRequest, JobStatus, RequestError, resolve_request
+from hypersd.contracts import GenerateRequest, JobStatus, RequestError
 from hypersd.registry import Registry, load_registry
+from jobs.record import resolve_request
+from jobs.states import finish, requeue, start
 from worker.batcher import BatchKey, MicroBatcher
-from worker.heartbeat import requeue
-from worker.runner import finish, start
 
 PROMPT = "a large red circle in the center on a white background"
 
@@ -165,7 +165,7 @@ def test_batcher_reports_a_failed_call_to_every_job_of_the_batch() -> None:
 def test_the_gateway_imports_neither_torch_nor_diffusers() -> None:
     """The gateway image carries no torch: only embedded mode and workers load it, lazily."""
     code = (
-        "import sys, service.app, worker.celery_app, hypersd.cli; "
+        "import sys, service.app, worker.celery_app, launcher.cli; "
         "print(sorted({'torch', 'diffusers'} & set(sys.modules)))"
     )
     result = subprocess.run(

@@ -22,14 +22,15 @@ import redis
 from kombu.exceptions import OperationalError
 from serving_fixtures import MODEL, SHIPPED_REGISTRY
 
-from hypersd.contracts import GenerateRequest, JobRecord, JobStatus, resolve_request
+from hypersd.contracts import GenerateRequest, JobStatus
 from hypersd.registry import load_registry
-from service import jobs
-from service.settings import Settings
-from worker.celery_app import create_celery
-from worker.queue import CeleryQueue
-from worker.runner import load_runner, start
-from worker.store import Change, RedisJobStore
+from jobs.queue import CeleryQueue, create_celery
+from jobs.record import JobRecord, resolve_request
+from jobs.settings import Settings
+from jobs.states import Change, start
+from jobs.store import RedisJobStore
+from service import job_service as jobs
+from worker.runner import load_runner
 
 PROMPT = "a large red circle in the center on a white background"
 

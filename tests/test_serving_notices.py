@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from hypersd.contracts import JobRecord, JobStatus
-from service import jobs
-from worker.runner import finish, start
-from worker.store import JobStore, MemoryJobStore, RedisJobStore
+from hypersd.contracts import JobStatus
+from jobs.record import JobRecord
+from jobs.states import finish, start
+from jobs.store import JobStore, MemoryJobStore, RedisJobStore
+from service import job_service as jobs
 
 
 def new_record() -> JobRecord:

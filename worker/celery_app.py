@@ -1,4 +1,4 @@
-"""The Celery app and `run_worker`, what `hypersd worker` runs.
+"""`run_worker`, what `hypersd worker` runs: the model loaded once, the generate task, Celery.
 
 Why a thread pool (`--pool threads`, `slots` threads) and not prefork: the model is loaded once, in
 the process that uses it, before the worker consumes, and nothing forks afterwards, so no CUDA or
@@ -16,38 +16,16 @@ import os
 import socket
 
 import redis
-from celery import Celery
 from prometheus_client import start_http_server
 
 from hypersd.registry import load_registry
-from service.settings import Settings
-from worker.heartbeat import Heartbeat
-from worker.queue import TASK_NAME, CeleryQueue, queue_name
+from jobs.liveness import Heartbeat
+from jobs.queue import TASK_NAME, CeleryQueue, create_celery, queue_name
+from jobs.settings import Settings
+from jobs.store import RedisJobStore
 from worker.runner import load_runner
-from worker.store import RedisJobStore
 
 log = logging.getLogger(__name__)
-
-
-def create_celery(settings: Settings) -> Celery:
-    """The Celery app on the Redis broker, as the gateway and the workers both configure it."""
-    if settings.visibility_timeout_s <= settings.job_timeout_s + 30:
-        raise ValueError("visibility_timeout_s must exceed job_timeout_s + 30 (the hard limit)")
-    app = Celery("hypersd", broker=settings.redis_url, set_as_current=False)
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        task_ignore_result=True,  # results live in the job store
-        task_acks_late=True,  # a job is acked when done, so a lost worker's job comes back
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,  # a worker reserves no more jobs than it has slots
-        task_soft_time_limit=settings.job_timeout_s,
-        task_time_limit=settings.job_timeout_s + 30,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-    )
-    return app
 
 
 def run_worker(settings: Settings) -> None:

@@ -20,11 +20,12 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from hypersd.contracts import ErrorDetail, JobRecord, JobStatus
+from hypersd.contracts import ErrorDetail, JobStatus
 from hypersd.registry import ModelSpec
+from jobs.states import finish, start
+from jobs.store import STORE_DOWN, JobStore, WorkerInfo
 from worker import metrics
 from worker.batcher import BatchKey, MicroBatcher
-from worker.store import STORE_DOWN, Change, JobStore, WorkerInfo
 
 if TYPE_CHECKING:
     import PIL.Image
@@ -46,54 +47,6 @@ class Generated:
 
     image: PIL.Image.Image
     timings: dict[str, float]
-
-
-def start(worker_id: str, claim: str) -> Change:
-    """queued -> running on `worker_id` for the delivery `claim`; anything else stays (canceled
-    jobs never run, a second delivery never runs a job again). A job already running under this
-    very claim is returned as it is: the claim's write went through but its reply was lost, and
-    the worker retried it."""
-
-    def change(record: JobRecord) -> JobRecord | None:
-        if record.status == JobStatus.RUNNING and record.claim == claim:
-            return record
-        if record.status != JobStatus.QUEUED:
-            return None
-        return record.model_copy(
-            update={
-                "status": JobStatus.RUNNING,
-                "started_at": time.time(),
-                "worker": worker_id,
-                "claim": claim,
-                "attempts": record.attempts + 1,
-            }
-        )
-
-    return change
-
-
-def finish(
-    worker_id: str,
-    status: JobStatus,
-    *,
-    error: ErrorDetail | None = None,
-    timings: dict[str, float] | None = None,
-) -> Change:
-    """running on `worker_id` -> `status`; a job canceled (or re-queued) meanwhile stays."""
-
-    def change(record: JobRecord) -> JobRecord | None:
-        if record.status != JobStatus.RUNNING or record.worker != worker_id:
-            return None
-        return record.model_copy(
-            update={
-                "status": status,
-                "finished_at": time.time(),
-                "error": error,
-                "timings": timings or {},
-            }
-        )
-
-    return change
 
 
 def encode(image: PIL.Image.Image, output_format: str) -> bytes:

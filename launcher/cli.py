@@ -1,4 +1,9 @@
-"""``hypersd``: generate images from the command line and list the registry's models."""
+"""``hypersd``: serve the API, run a worker, generate images from the command line, list models.
+
+Each command imports only what it runs: `hypersd serve` with `REDIS_URL` is the gateway alone and
+loads neither torch nor the worker, so it runs from a gateway-only install (`pip install
+".[gateway]"`).
+"""
 
 from __future__ import annotations
 
@@ -76,12 +81,19 @@ def serve(args: argparse.Namespace) -> int:
     """The HTTP gateway; without REDIS_URL, with the model served in-process (embedded mode)."""
     import uvicorn
 
-    from service.app import create_app
-    from service.settings import Settings
+    from jobs.settings import Settings
 
     overrides = {"host": args.host, "port": args.port, "registry": args.registry}
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+    if settings.redis_url:
+        from service.app import create_app
+
+        app = create_app(settings)
+    else:
+        from launcher.embedded import create_embedded_app
+
+        app = create_embedded_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port)
     return 0
 
 
@@ -89,7 +101,7 @@ def worker(args: argparse.Namespace) -> int:
     """A Celery worker for one model's queue (needs REDIS_URL)."""
     import logging
 
-    from service.settings import Settings
+    from jobs.settings import Settings
     from worker.celery_app import run_worker
 
     logging.basicConfig(

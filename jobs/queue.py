@@ -1,26 +1,23 @@
-"""The queue interface the gateway submits to: Celery on Redis, or an in-process executor.
+"""The queue the gateway submits jobs to, and the Celery app gateway and workers configure alike.
 
-Both send only the job id (the request is in the job store) to the model's own queue, and both end
-in `JobRunner.run_job`, so embedded mode runs the same task and batcher code as a Celery worker.
+A queue sends only the job id (the request is in the job store) to the model's own queue. In
+production that is Celery on Redis (`CeleryQueue`); embedded mode puts an in-process executor behind
+the same `JobQueue` interface (`launcher.embedded`), so it runs the same task and batcher code.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from hypersd.contracts import JobRecord
+import redis
+from celery import Celery
 
-if TYPE_CHECKING:
-    import redis
-    from celery import Celery
-
-    from worker.runner import JobRunner
+from jobs.record import JobRecord
+from jobs.settings import Settings
 
 TASK_NAME = "hypersd.generate"
 
@@ -33,6 +30,31 @@ _UNACKED_INDEX = "unacked_index"
 def queue_name(model: str) -> str:
     """The Celery queue of one model: a worker only takes jobs for the model it holds."""
     return f"hypersd.{model}"
+
+
+def create_celery(settings: Settings) -> Celery:
+    """The Celery app on the Redis broker, as the gateway and the workers both configure it.
+
+    Celery's thread pool (what workers run) does not enforce the time limits (only prefork does);
+    they are set for the record, and the worker enforces `job_timeout_s` itself.
+    """
+    if settings.visibility_timeout_s <= settings.job_timeout_s + 30:
+        raise ValueError("visibility_timeout_s must exceed job_timeout_s + 30 (the hard limit)")
+    app = Celery("hypersd", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # results live in the job store
+        task_acks_late=True,  # a job is acked when done, so a lost worker's job comes back
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # a worker reserves no more jobs than it has slots
+        task_soft_time_limit=settings.job_timeout_s,
+        task_time_limit=settings.job_timeout_s + 30,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    return app
 
 
 class JobQueue(Protocol):
@@ -100,31 +122,3 @@ class CeleryQueue:
 
         self.redis.transaction(move, _UNACKED)
         return bool(moved)
-
-
-class LocalQueue:
-    """Embedded mode: `slots` threads calling the runner, as Celery's thread pool does."""
-
-    def __init__(self, runner: JobRunner, slots: int) -> None:
-        self.runner = runner
-        self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="task-slot")
-        self._waiting = 0
-        self._lock = threading.Lock()
-
-    def _run(self, job_id: str) -> None:
-        with self._lock:
-            self._waiting -= 1
-        self.runner.run_job(job_id)
-
-    def submit(self, record: JobRecord) -> None:
-        with self._lock:
-            self._waiting += 1
-        self._executor.submit(self._run, record.id)
-
-    def depth(self, model: str) -> int:
-        return self._waiting if model == self.runner.spec.name else 0
-
-    def close(self) -> None:
-        """Let submitted jobs finish (SIGTERM drains), then stop the batcher."""
-        self._executor.shutdown(wait=True)
-        self.runner.close()

@@ -1,9 +1,9 @@
 """Job state, images and worker heartbeats: in Redis, or in memory for embedded mode.
 
 Both the gateway and the workers read and write jobs here, so the gateway answers status requests
-without asking a worker. Every state change is an atomic read-modify-write (`update`), so a cancel,
-a finishing worker and a reaper can race without losing or resurrecting a job. Keys expire after
-the job TTL. The module imports no torch: the gateway uses it too.
+without asking a worker. Every state change is an atomic read-modify-write (`update`) applying one
+of `jobs.states`' transitions, so a cancel, a finishing worker and a reaper can race without losing
+or resurrecting a job. Keys expire after the job TTL.
 
 A request that waits for its job (`Prefer: wait=N`, the synchronous OpenAI route) is woken when the
 job ends instead of polling: in Redis the change that ends a job also publishes its id on one
@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
@@ -26,11 +26,11 @@ from typing import Protocol
 import redis
 from pydantic import BaseModel
 
-from hypersd.contracts import JobRecord, JobStatus
+from hypersd.contracts import JobStatus
+from jobs.record import JobRecord
+from jobs.states import Change
 
 log = logging.getLogger(__name__)
-
-Change = Callable[[JobRecord], JobRecord | None]
 
 _PREFIX = "hypersd"
 _FINISHED_CHANNEL = f"{_PREFIX}:finished"

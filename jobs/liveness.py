@@ -1,4 +1,4 @@
-"""Heartbeats (Redis + a file for the liveness probe) and the reaper of jobs whose worker died.
+"""Worker liveness: heartbeats (Redis + a file for the probe) and the reaper of dead workers' jobs.
 
 Why a reaper: with `acks_late` on Redis, the message of a job whose worker was killed -9 comes back
 only after the broker's visibility timeout, which must exceed the longest job (an hour here). Each
@@ -20,34 +20,13 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from hypersd.contracts import ErrorDetail, JobRecord, JobStatus
-from worker.queue import CeleryQueue
-from worker.store import JobStore, WorkerInfo
+from hypersd.contracts import JobStatus
+from jobs.queue import CeleryQueue
+from jobs.record import JobRecord
+from jobs.states import requeue
+from jobs.store import JobStore, WorkerInfo
 
 log = logging.getLogger(__name__)
-
-MAX_ATTEMPTS = 3
-
-
-def requeue(dead_worker: str) -> Callable[[JobRecord], JobRecord | None]:
-    """running on `dead_worker` -> queued (or failed after MAX_ATTEMPTS starts)."""
-
-    def change(record: JobRecord) -> JobRecord | None:
-        if record.status != JobStatus.RUNNING or record.worker != dead_worker:
-            return None
-        if record.attempts >= MAX_ATTEMPTS:
-            message = f"the job's worker died {record.attempts} times while running it"
-            return record.model_copy(
-                update={
-                    "status": JobStatus.FAILED,
-                    "error": ErrorDetail(type="worker_lost", message=message),
-                }
-            )
-        return record.model_copy(
-            update={"status": JobStatus.QUEUED, "started_at": None, "worker": None}
-        )
-
-    return change
 
 
 def reap(store: JobStore, resubmit: Callable[[JobRecord], None]) -> list[str]:

@@ -10,21 +10,14 @@ import time
 from collections.abc import Collection
 from datetime import UTC, datetime
 
-from hypersd.contracts import (
-    GenerateRequest,
-    Job,
-    JobImage,
-    JobRecord,
-    JobStatus,
-    RequestError,
-    resolve_request,
-    timestamp,
-)
+from hypersd.contracts import GenerateRequest, Job, JobImage, JobStatus, RequestError, timestamp
 from hypersd.registry import Registry
+from jobs.queue import JobQueue
+from jobs.record import JobRecord, resolve_request
+from jobs.states import public_status
+from jobs.store import IdempotencyConflict, JobStore
 from service.errors import ApiError
 from service.metrics import JOBS_SUBMITTED
-from worker.queue import JobQueue
-from worker.store import IdempotencyConflict, JobStore
 
 # A waiting request is woken by the job's end (`JobStore.watch`); it re-reads the job this often
 # anyway, so that a missed notice delays the answer by at most this much.
@@ -94,12 +87,6 @@ def prefer_wait(prefer: str | None, cap_s: float) -> float | None:
     """Seconds asked for by `Prefer: wait=N` (capped), or None without one."""
     match = _PREFER_WAIT.search(prefer or "")
     return None if match is None else min(float(match[1]), cap_s)
-
-
-def public_status(record: JobRecord, ttl_s: int) -> JobStatus:
-    """A succeeded job whose images are past their TTL reads as expired."""
-    expired = record.finished_at is not None and time.time() > record.finished_at + ttl_s
-    return JobStatus.EXPIRED if record.status == JobStatus.SUCCEEDED and expired else record.status
 
 
 def to_job(record: JobRecord, store: JobStore, base_url: str, ttl_s: int) -> Job:
