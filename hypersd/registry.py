@@ -51,7 +51,9 @@ from pydantic import (
 from hypersd.recipes import RECIPES, Recipe, Sampling, format_steps, get_recipe
 
 Family = Literal["sd15", "sdxl"]
-Backend = Literal["eager", "compile", "onnxruntime", "tensorrt"]
+# The backends `hypersd.pipeline.load` can run; compiled ones (torch.compile, ONNX Runtime, TensorRT)
+# join this list when they exist.
+Backend = Literal["eager"]
 LoraFormat = Literal["auto", "diffusers", "kohya"]
 Size = tuple[int, int]
 
@@ -188,7 +190,7 @@ class ModelSpec(BaseModel):
         sizes: Allowed output sizes as "WxH" strings or [width, height] pairs; defaults to the
             family's native size.
         default_size: Size when a request names none; defaults to the first of `sizes`.
-        backend: `eager` (plain diffusers), `compile`, `onnxruntime` or `tensorrt`.
+        backend: `eager` (plain diffusers), the only one so far.
         description: One line for people choosing a model.
     """
 

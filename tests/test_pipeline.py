@@ -211,11 +211,7 @@ def test_invalid_values_raise_value_errors_naming_the_field(
         load_model(model).generate(requests, **kwargs)
 
 
-def test_unavailable_backends_and_missing_weights(registry: Registry) -> None:
-    with pytest.raises(
-        NotImplementedError, match="backend 'compile' of model 'sd15-compiled' is not available yet"
-    ):
-        load(registry.get("sd15-compiled"))
+def test_missing_weights_name_the_model_and_path(registry: Registry) -> None:
     with pytest.raises(FileNotFoundError, match=r"model 'missing': path .*no-such-folder"):
         load(registry.get("missing"))
 

@@ -255,6 +255,11 @@ def test_unknown_and_path_like_model_names(tmp_path: Path) -> None:
             "models.x.backend",
         ),
         (
+            # a backend that `load` cannot run yet is refused with the registry, not at load time
+            '[models.x]\nfamily = "sd15"\npath = "x"\nrecipe = "teacher"\nbackend = "compile"',
+            "models.x.backend\n  Input should be 'eager'",
+        ),
+        (
             '[models.x]\nfamily = "sd15"\npath = "x"\nrecipe = "teacher"\nlora = "a.safetensors"',
             "models.x.lora\n  Extra inputs are not permitted",
         ),

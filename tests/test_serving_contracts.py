@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from hypersd.contracts import GenerateRequest, JobStatus, RequestError
 from hypersd.registry import Registry, load_registry
 from jobs.record import resolve_request
-from jobs.states import finish, requeue, start
+from jobs.states import MAX_ATTEMPTS, cancel, finish, public_status, requeue, start
 from worker.batcher import BatchKey, MicroBatcher
 
 PROMPT = "a large red circle in the center on a white background"
@@ -110,6 +110,38 @@ def test_only_a_queued_job_starts_and_a_canceled_one_keeps_its_status(registry: 
     requeued = requeue("w1")(running)
     assert requeued is not None and requeued.status == JobStatus.QUEUED
     assert requeue("w2")(running) is None  # only the dead worker's jobs
+
+
+def test_cancel_ends_only_live_jobs_and_a_thrice_lost_job_fails(registry: Registry) -> None:
+    queued = resolve_request(GenerateRequest(prompt=PROMPT), registry)
+    canceled = cancel(queued)
+    assert canceled is not None and canceled.status == JobStatus.CANCELED
+    assert canceled.finished_at is not None
+    assert cancel(canceled) is None  # an ended job stays as it ended
+    running = start("w1", "d")(queued)
+    assert running is not None
+    ran = cancel(running)
+    assert ran is not None and ran.status == JobStatus.CANCELED
+    # A job whose worker died MAX_ATTEMPTS times fails instead of killing another worker.
+    doomed = running.model_copy(update={"attempts": MAX_ATTEMPTS})
+    failed = requeue("w1")(doomed)
+    assert failed is not None and failed.status == JobStatus.FAILED
+    assert failed.error is not None and failed.error.type == "worker_lost"
+
+
+def test_a_succeeded_job_reads_expired_once_its_images_are_past_the_ttl(
+    registry: Registry,
+) -> None:
+    record = resolve_request(GenerateRequest(prompt=PROMPT), registry)
+    running = start("w1", "d")(record)
+    assert running is not None
+    done = finish("w1", JobStatus.SUCCEEDED)(running)
+    assert done is not None and done.finished_at is not None
+    assert public_status(done, ttl_s=60) == JobStatus.SUCCEEDED
+    old = done.model_copy(update={"finished_at": done.finished_at - 61})
+    assert public_status(old, ttl_s=60) == JobStatus.EXPIRED
+    failed = old.model_copy(update={"status": JobStatus.FAILED})
+    assert public_status(failed, ttl_s=60) == JobStatus.FAILED  # only images expire
 
 
 KEY = BatchKey("m", 1, 64, 64, 5.0, None)

@@ -268,11 +268,6 @@ recipe = "cfg-lora"
 guidance_scale = 6.0
 loras = [{ name = "cfg", path = "sdxl-kohya.safetensors" }]
 
-[models.sd15-compiled]
-extends = "sd15-teacher"
-recipe = "teacher"
-backend = "compile"
-
 [models.missing]
 family = "sd15"
 path = "no-such-folder"
