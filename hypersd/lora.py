@@ -147,12 +147,6 @@ def unfuse_loras(pipe: SDPipeline) -> None:
     pipe.unload_lora_weights()
 
 
-def swap_loras(pipe: SDPipeline, loras: Sequence[LoraSpec]) -> None:
-    """Replace the fused LoRAs with `loras`, reusing the loaded base model."""
-    unfuse_loras(pipe)
-    fuse_loras(pipe, loras)
-
-
 def save_kohya_lora(
     path: str | Path,
     unet_lora_layers: Mapping[str, torch.Tensor] | None = None,

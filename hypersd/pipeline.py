@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import diffusers
 import PIL.Image
 import safetensors.torch
 import torch
@@ -23,9 +24,10 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import Stabl
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
     StableDiffusionXLPipeline,
 )
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from hypersd.lora import SDPipeline, fuse_loras
-from hypersd.recipes import Sampling
+from hypersd.recipes import Recipe, Sampling
 from hypersd.registry import ModelSpec
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
@@ -225,20 +227,14 @@ def load(
         warmup: Run one 1-step image before returning.
 
     Raises:
-        NotImplementedError: for backends other than "eager" (not available yet).
         FileNotFoundError: if a weights file or folder named by the spec is missing.
     """
-    if spec.backend != "eager":
-        raise NotImplementedError(
-            f"backend {spec.backend!r} of model {spec.name!r} is not available yet; "
-            'use backend = "eager"'
-        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
-    pipe = _load_pipeline(spec, dtype)
-    pipe.scheduler = spec.recipe_info.build_scheduler(pipe.scheduler.config)
+    pipe = load_pipeline(spec, dtype)
+    pipe.scheduler = build_scheduler(spec.recipe_info, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     fuse_loras(pipe, spec.loras)
@@ -248,8 +244,26 @@ def load(
     return generator
 
 
-def _load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> SDPipeline:
-    """The spec's base pipeline with its UNet override, on the CPU."""
+def build_scheduler(recipe: Recipe, base_config: Mapping[str, Any]) -> SchedulerMixin:
+    """The recipe's scheduler, made from a model's own scheduler config.
+
+    Args:
+        recipe: The inference recipe (names the diffusers scheduler class and its overrides).
+        base_config: The model's scheduler config (`pipe.scheduler.config`).
+    """
+    scheduler_cls = getattr(diffusers, recipe.scheduler)
+    scheduler: SchedulerMixin = scheduler_cls.from_config(base_config, **recipe.scheduler_kwargs)
+    return scheduler
+
+
+def load_pipeline(spec: ModelSpec, dtype: torch.dtype) -> SDPipeline:
+    """The spec's base pipeline with its UNet override, on the CPU.
+
+    Without the spec's LoRAs and the recipe's scheduler, which `load` adds: the bare base model.
+
+    Raises:
+        FileNotFoundError: if a weights file or folder named by the spec is missing.
+    """
     for field in ("path", "single_file", "unet"):
         location = getattr(spec, field)
         if location is not None and not location.exists():

@@ -6,8 +6,8 @@ scheduler, the step counts it was distilled for, the guidance it expects, and ex
 loudly, it just gives blurry or burnt images, so the recipes live here as validated data that the
 registry, the gateway and the workers share.
 
-This module imports neither torch nor diffusers (the gateway image carries neither): the scheduler
-is named by its diffusers class and only built, with a lazy import, by `Recipe.build_scheduler`.
+This module imports neither torch nor diffusers (the gateway carries neither): the scheduler is
+named by its diffusers class and built by `hypersd.pipeline.build_scheduler`, on the model side.
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
-
-if TYPE_CHECKING:
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from typing import Any, Literal
 
 SchedulerName = Literal["DDIMScheduler", "TCDScheduler", "LCMScheduler"]
 
@@ -102,18 +99,6 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: set both eta and eta_range, or neither")
         if self.timesteps is not None and self.steps != (len(self.timesteps),):
             raise ValueError(f"recipe {self.name!r}: explicit timesteps fix the step count")
-
-    def build_scheduler(self, base_config: Mapping[str, Any]) -> SchedulerMixin:
-        """Build this recipe's scheduler from a model's scheduler config.
-
-        Args:
-            base_config: The model's own scheduler config (`pipe.scheduler.config`).
-        """
-        import diffusers  # lazy: keeps this module importable without torch
-
-        scheduler_cls = getattr(diffusers, self.scheduler)
-        scheduler: SchedulerMixin = scheduler_cls.from_config(base_config, **self.scheduler_kwargs)
-        return scheduler
 
     def resolve(
         self,

@@ -51,8 +51,8 @@ from pydantic import (
 from hypersd.recipes import RECIPES, Recipe, Sampling, format_steps, get_recipe
 
 Family = Literal["sd15", "sdxl"]
-# The backends `hypersd.pipeline.load` can run; compiled ones (torch.compile, ONNX Runtime, TensorRT)
-# join this list when they exist.
+# The backends `hypersd.pipeline.load` can run; compiled ones (torch.compile, ONNX Runtime,
+# TensorRT) join this list when they exist.
 Backend = Literal["eager"]
 LoraFormat = Literal["auto", "diffusers", "kohya"]
 Size = tuple[int, int]

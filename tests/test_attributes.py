@@ -21,19 +21,14 @@ from hypersd.shapes.spec import BACKGROUND_COLORS, OBJECT_COLORS, SHAPES, SLOTS
 from training import attributes
 from training.attributes import (
     DEFAULT_MODEL_DIR,
-    HEAD_SIZES,
     AttributeNet,
     AttributeNetConfig,
-    AugmentConfig,
-    augment,
-    decode_labels,
-    images_to_tensor,
     load_attribute_net,
-    odd_shape_coverage,
-    render_batch,
     save_attribute_net,
-    scene_labels,
 )
+from training.image_ops import AugmentConfig, augment, images_to_tensor
+from training.negatives import odd_shape_coverage, render_batch
+from training.scene_labels import HEAD_SIZES, decode_labels, scene_labels
 
 torch.set_num_threads(1)
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from hypersd.shapes import Scene, ShapeObject, fixed_captions, parse_caption, render
 from training import evaluate
-from training.attributes import HEAD_NAMES, load_attribute_net, scene_labels
+from training.attributes import load_attribute_net
 from training.evaluate import (
     EvalReport,
     adherence,
@@ -29,6 +29,7 @@ from training.evaluate import (
     frechet_distance,
     sample_grid,
 )
+from training.scene_labels import HEAD_NAMES, scene_labels
 
 if TYPE_CHECKING:
     from tiny_models import TinyModels

@@ -24,7 +24,6 @@ from hypersd.lora import (
     fuse_loras,
     load_lora,
     save_kohya_lora,
-    swap_loras,
     unfuse_loras,
 )
 from hypersd.registry import LoraSpec
@@ -132,13 +131,16 @@ def test_kohya_and_diffusers_files_of_one_lora_give_the_same_images(
     render = renderer(clean_sd15)
     fuse_loras(clean_sd15, [lora(tiny_models.sd15_lora)])
     from_diffusers = render()
-    swap_loras(clean_sd15, [lora(tiny_models.sd15_kohya, format="kohya")])
+    unfuse_loras(clean_sd15)
+    fuse_loras(clean_sd15, [lora(tiny_models.sd15_kohya, format="kohya")])
     assert max_diff(from_diffusers, render()) < 1e-4
 
     # alpha = rank / 2 halves the update, exactly like fusing at scale 0.5
-    swap_loras(clean_sd15, [lora(tiny_models.sd15_kohya_half)])
+    unfuse_loras(clean_sd15)
+    fuse_loras(clean_sd15, [lora(tiny_models.sd15_kohya_half)])
     half_alpha = render()
-    swap_loras(clean_sd15, [lora(tiny_models.sd15_lora, scale=0.5)])
+    unfuse_loras(clean_sd15)
+    fuse_loras(clean_sd15, [lora(tiny_models.sd15_lora, scale=0.5)])
     assert max_diff(half_alpha, render()) < 1e-4
     assert max_diff(half_alpha, from_diffusers) > 0.05
 
@@ -150,9 +152,11 @@ def test_several_loras_fuse_at_their_own_scales(
     first, second = tiny_models.sd15_lora, tiny_models.sd15_lora_2
     fuse_loras(clean_sd15, [lora(first, "a")])
     only_first = render()
-    swap_loras(clean_sd15, [lora(first, "a"), lora(second, "b", scale=0.0)])
+    unfuse_loras(clean_sd15)
+    fuse_loras(clean_sd15, [lora(first, "a"), lora(second, "b", scale=0.0)])
     assert max_diff(only_first, render()) < 1e-4
-    swap_loras(clean_sd15, [lora(first, "a"), lora(second, "b", scale=0.7)])
+    unfuse_loras(clean_sd15)
+    fuse_loras(clean_sd15, [lora(first, "a"), lora(second, "b", scale=0.7)])
     both = render()
     assert max_diff(only_first, both) > 0.05
     assert sorted(clean_sd15.get_list_adapters()["unet"]) == ["a", "b"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_objectives_solvers import AC, FixedX0Net, tiny_unet
 
-from training.objectives.dmd import dmd_losses, fake_score_losses, updates_student
+from training.objectives.dmd import dmd_losses, fake_score_losses
 
 torch.set_num_threads(1)
 
@@ -109,8 +109,3 @@ def test_fake_score_loss_is_zero_for_the_true_noise() -> None:
     oracle = FixedX0Net(x, AC)  # predicts exactly the ε that noised x
     losses = fake_score_losses(oracle, x, AC, torch.zeros(3, 5, 32), noise=noise, timesteps=t)
     assert float(losses["loss"]) < 1e-8
-
-
-def test_two_time_scale_schedule() -> None:
-    assert [updates_student(s, 5) for s in range(6)] == [True, False, False, False, False, True]
-    assert all(updates_student(s, 1) for s in range(3))

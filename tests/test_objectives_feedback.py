@@ -9,8 +9,10 @@ from test_objectives_solvers import AC, FixedX0Net, tiny_unet
 from hypersd.shapes import fixed_captions
 from training.attributes import AttributeNet, AttributeNetConfig
 from training.objectives.feedback import (
+    RewardTerm,
     denoised_x0_prediction,
     dice_loss,
+    feedback_losses,
     noised_x0_prediction,
     refl_loss,
     structure_loss,
@@ -45,6 +47,19 @@ def test_refl_with_the_attribute_network_as_reward() -> None:
     assert float(losses["loss"].detach()) > 0  # log-probabilities are below 0
     losses["loss"].backward()
     assert images.grad is not None and float(images.grad.abs().sum()) > 0
+
+
+def test_feedback_losses_weigh_each_reward_term() -> None:
+    images = torch.tensor([0.1, 0.5]).view(2, 1, 1, 1).expand(2, 3, 4, 4)
+    terms = [
+        RewardTerm("bright", mean_reward, weight=2.0, margin=0.3),  # mean ReLU(0.3 - r) = 0.1
+        RewardTerm("dark", lambda x, c: 1 - mean_reward(x, c), weight=0.5, margin=1.0),  # 0.3
+    ]
+    losses = feedback_losses(images, ["a", "b"], terms)
+    assert float(losses["loss"]) == pytest.approx(2.0 * 0.1 + 0.5 * 0.3)
+    assert float(losses["bright_loss"]) == pytest.approx(0.1)
+    assert float(losses["dark_reward"]) == pytest.approx(0.7)
+    assert float(feedback_losses(images, ["a", "b"], [])["loss"]) == 0.0
 
 
 def test_structure_loss_zero_for_perfect_masks_and_positive_otherwise() -> None:

@@ -16,7 +16,6 @@ from training.objectives.solvers import (
     alphas_at,
     ddim_step,
     distance,
-    epsilon_from_x0,
     guided_epsilon,
     offset_noise,
     pseudo_huber,
@@ -61,7 +60,9 @@ class FixedX0Net:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, ehs: torch.Tensor) -> Any:
         self.calls.append(t.clone())
-        return SimpleNamespace(sample=epsilon_from_x0(x, self.x0.expand_as(x), t, self.table))
+        alpha = alphas_at(self.table, t).to(x.dtype)
+        x0 = self.x0.expand_as(x)
+        return SimpleNamespace(sample=(x - alpha.sqrt() * x0) / (1 - alpha).sqrt())
 
 
 AC = alphas_cumprod()
@@ -92,7 +93,11 @@ def test_x0_and_epsilon_round_trip() -> None:
     t = torch.tensor([0, 500, 999])
     x_t = add_noise(x0, eps, t, AC)
     torch.testing.assert_close(x0_from_epsilon(x_t, eps, t, AC), x0, rtol=0, atol=1e-5)
-    torch.testing.assert_close(epsilon_from_x0(x_t, x0, t, AC), eps, rtol=0, atol=1e-5)
+    # and back: ε = (x_t - sqrt(ᾱ_t) x0) / sqrt(1 - ᾱ_t)
+    alpha = alphas_at(AC, t).to(x_t.dtype)
+    torch.testing.assert_close(
+        (x_t - alpha.sqrt() * x0) / (1 - alpha).sqrt(), eps, rtol=0, atol=1e-5
+    )
     # add_noise matches diffusers' DDPMScheduler.add_noise
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     torch.testing.assert_close(x_t.float(), scheduler.add_noise(x0.float(), eps.float(), t))

@@ -7,6 +7,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDSc
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hypersd.pipeline import build_scheduler
 from hypersd.recipes import RECIPES, Recipe, format_steps, get_recipe, resolve
 
 # What the official Hyper-SD model cards prescribe.
@@ -28,7 +29,7 @@ def test_the_recipe_table() -> None:
     assert set(RECIPES) == set(EXPECTED)
     for name, (scheduler_cls, steps, guidance) in EXPECTED.items():
         recipe = RECIPES[name]
-        scheduler = recipe.build_scheduler(SDXL_SCHEDULER.config)
+        scheduler = build_scheduler(recipe, SDXL_SCHEDULER.config)
         assert type(scheduler) is scheduler_cls
         assert recipe.steps == steps
         assert recipe.guidance_scale == guidance
@@ -39,10 +40,10 @@ def test_the_recipe_table() -> None:
 
 def test_ddim_recipes_use_trailing_spacing_without_x0_clipping() -> None:
     for name in ("nstep-lora", "cfg-lora", "teacher"):
-        scheduler = RECIPES[name].build_scheduler(SDXL_SCHEDULER.config)
+        scheduler = build_scheduler(RECIPES[name], SDXL_SCHEDULER.config)
         assert scheduler.config.timestep_spacing == "trailing"
         assert scheduler.config.clip_sample is False
-    scheduler = RECIPES["nstep-lora"].build_scheduler(SDXL_SCHEDULER.config)
+    scheduler = build_scheduler(RECIPES["nstep-lora"], SDXL_SCHEDULER.config)
     scheduler.set_timesteps(1)
     assert scheduler.timesteps.tolist() == [999]  # 1 step starts from pure noise
 
@@ -61,7 +62,7 @@ def test_defaults_and_call_kwargs() -> None:
         "guidance_scale": 0.0,
         "timesteps": [800],
     }
-    scheduler = RECIPES["1step-unet"].build_scheduler(SDXL_SCHEDULER.config)
+    scheduler = build_scheduler(RECIPES["1step-unet"], SDXL_SCHEDULER.config)
     scheduler.set_timesteps(timesteps=[800])
     assert scheduler.timesteps.tolist() == [800]
 

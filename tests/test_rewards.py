@@ -26,8 +26,8 @@ from training.aesthetic import (
     load_aesthetic_model,
     save_aesthetic_model,
 )
-from training.attributes import images_to_tensor
 from training.cli import STAGES
+from training.image_ops import images_to_tensor
 from training.objectives.feedback import refl_loss, structure_loss
 from training.segmentation import (
     SegmentationNet,

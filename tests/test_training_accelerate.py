@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from training.distill import DistillConfig, loop_seed
+from training.distill import DistillConfig
+from training.distill_loop import loop_seed
 from training.lora_export import read_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,10 +32,10 @@ import sys
 from accelerate import PartialState
 from safetensors.torch import save_file
 
-from training import cli, distill
+from training import cli, distill, distill_loop
 from training.lora_export import lora_state_dict
 
-train_stage, average_gradients = distill.train_stage, distill.average_gradients
+train_stage, average_gradients = distill.train_stage, distill_loop.average_gradients
 
 
 def rank():
@@ -58,7 +59,7 @@ def averaging(accelerator, params):
     average_gradients(accelerator, params)
 
 
-distill.train_stage, distill.average_gradients = recording, averaging
+distill.train_stage, distill_loop.average_gradients = recording, averaging
 sys.exit(cli.main(sys.argv[1:]))
 """
 

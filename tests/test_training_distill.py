@@ -28,7 +28,9 @@ from hypersd.lora import detect_format, load_lora
 from hypersd.registry import LoraSpec, load_registry
 from training import cli
 from training.config import load_config
-from training.distill import DistillConfig, _parquet_pairs, initial_lora, run
+from training.data import parquet_pairs
+from training.distill import DistillConfig, run
+from training.distill_loop import initial_lora
 from training.lora_export import load_lora_into, read_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,14 +310,14 @@ def test_parquet_data(tiny_models: Any, tmp_path: Path) -> None:
     single = tmp_path / "bytes.parquet"
     pq.write_table(pa.table({"jpg": pngs, "caption": captions, "url": ["u"] * 3}), single)
     named = replace(cfg, data_path=str(single), image_column="jpg", caption_column="caption")
-    images, found = _parquet_pairs(named)
+    images, found = parquet_pairs(named)
     assert images.shape == (3, 64, 64, 3) and found == captions
     with pytest.raises(ValueError, match=r"no column 'image' \(image_column\).*jpg, caption, url"):
-        _parquet_pairs(replace(named, image_column="image"))
+        parquet_pairs(replace(named, image_column="image"))
     with pytest.raises(ValueError, match=r"no column 'text' \(caption_column\)"):
-        _parquet_pairs(replace(named, caption_column="text"))
+        parquet_pairs(replace(named, caption_column="text"))
     with pytest.raises(ValueError, match="image_column 'url' is string"):
-        _parquet_pairs(replace(named, image_column="url"))
+        parquet_pairs(replace(named, image_column="url"))
 
 
 @pytest.mark.skipif(not (SHAPES / "model_index.json").exists(), reason="no Shapes base model")

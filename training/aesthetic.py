@@ -41,8 +41,8 @@ from torch import Tensor, nn
 
 from hypersd.shapes import ShapesDataset
 from hypersd.shapes.spec import CANVAS
-from training.attributes import gaussian_blur, images_to_tensor, jpeg_roundtrip
 from training.devices import resolve_device
+from training.image_ops import gaussian_blur, images_to_tensor, jpeg_roundtrip
 from training.netio import (
     SmallNetLoop,
     load_weights,

@@ -2,8 +2,8 @@
 
 Three parts, each trained here with nothing downloaded: an x8 AutoencoderKL,
 a CLIP-style text encoder (with the offline tokenizer of ``training.tokenizer``)
-and a UNet2DConditionModel. The result loads with
-``StableDiffusionPipeline.from_pretrained`` as-is, like SD1.5.
+and a UNet2DConditionModel (their config and builders: ``training.base_models``).
+The result loads with ``StableDiffusionPipeline.from_pretrained`` as-is, like SD1.5.
 
 Phases (each resumes from its last checkpoint, so a run can span sessions):
   1. render the training set (deterministic from the seed)
@@ -27,7 +27,6 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,145 +35,31 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
-from diffusers.schedulers.scheduling_ddim import DDIMScheduler
-from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from hypersd.shapes import ShapesDataset, fixed_captions
+from training.base_models import (
+    BaseConfig,
+    build_pipeline,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    noise_scheduler,
+)
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import config_to_dict, load_config
 from training.devices import resolve_device, to_device
-from training.netio import warmup_cosine
 from training.objectives.diffusion import (
     autoencoder_losses,
     denoising_losses,
     reconstruction_losses,
 )
+from training.schedule import lr_factor
 from training.tokenizer import write_tokenizer
-
-
-@dataclass(frozen=True)
-class BaseConfig:
-    """Every setting of a base-model run; saved inside each checkpoint and beside the export."""
-
-    out_dir: str = "runs/shapes-base"
-    export_dir: str = "models/shapes-base"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
-    train_images: int = 60_000
-    # autoencoder (x8: 64 px -> 8x8 latents, as SD does at 512 px)
-    vae_channels: tuple[int, ...] = (16, 32, 64, 128)
-    vae_layers_per_block: int = 1
-    vae_steps: int = 4_000
-    vae_batch_size: int = 16
-    vae_lr: float = 1e-3
-    vae_kl_weight: float = 1e-6
-    # decoder fine-tune with the encoder frozen: sharper small shapes, same latents
-    decoder_steps: int = 3_000
-    decoder_lr: float = 3e-4
-    # text encoder
-    max_tokens: int = 24
-    text_width: int = 128
-    text_layers: int = 3
-    text_heads: int = 4
-    # UNet: attention only on the low-resolution levels
-    unet_channels: tuple[int, ...] = (64, 96, 128)
-    unet_attention_levels: int = 2
-    unet_layers_per_block: int = 1
-    unet_steps: int = 12_000
-    unet_batch_size: int = 64
-    unet_lr: float = 5e-4
-    warmup_steps: int = 300
-    ema_decay: float = 0.999
-    uncond_prob: float = 0.1
-    min_snr_gamma: float = 5.0
-    # bookkeeping
-    log_every: int = 50
-    checkpoint_every: int = 500
-    sample_every: int = 2_500
-    sample_guidance: float = 5.0
-
-
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of ``base``."""
-    return base * warmup_cosine(warmup, total, floor=0.1)(step)
-
-
-def build_vae(cfg: BaseConfig) -> AutoencoderKL:
-    levels = len(cfg.vae_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * levels,
-        up_block_types=["UpDecoderBlock2D"] * levels,
-        block_out_channels=cfg.vae_channels,
-        layers_per_block=cfg.vae_layers_per_block,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-
-
-def build_text_encoder(cfg: BaseConfig, tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg.text_width,
-        intermediate_size=cfg.text_width * 4,
-        num_hidden_layers=cfg.text_layers,
-        num_attention_heads=cfg.text_heads,
-        max_position_embeddings=cfg.max_tokens,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(config)
-
-
-def build_unet(cfg: BaseConfig) -> UNet2DConditionModel:
-    levels = len(cfg.unet_channels)
-    plain = levels - cfg.unet_attention_levels
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=["DownBlock2D"] * plain + ["CrossAttnDownBlock2D"] * (levels - plain),
-        up_block_types=["CrossAttnUpBlock2D"] * (levels - plain) + ["UpBlock2D"] * plain,
-        block_out_channels=cfg.unet_channels,
-        layers_per_block=cfg.unet_layers_per_block,
-        cross_attention_dim=cfg.text_width,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-
-
-def noise_scheduler() -> DDPMScheduler:
-    """SD1.5's training schedule: 1000 steps, scaled-linear betas, epsilon prediction."""
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-    )
-
-
-def inference_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
 
 
 def render_training_set(seed: int, count: int) -> tuple[torch.Tensor, list[str]]:
@@ -266,7 +151,9 @@ def train_vae(
         batch = to_model_range(images[index]).to(device)
         # 2. loss and update at the scheduled learning rate
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, cfg.warmup_steps)
+            group["lr"] = cfg.vae_lr * lr_factor(
+                step, warmup_steps=cfg.warmup_steps, total_steps=cfg.vae_steps, floor=0.1
+            )
         losses = autoencoder_losses(vae, batch, cfg.vae_kl_weight)
         apply_update(optimizer, losses["loss"], vae.parameters())
         # 3. log and checkpoint
@@ -327,7 +214,9 @@ def finetune_decoder(
             latents = vae.encode(batch).latent_dist.sample()
         # 2. reconstruction loss on the decoder only
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, total, cfg.decoder_lr, cfg.warmup_steps)
+            group["lr"] = cfg.decoder_lr * lr_factor(
+                step, warmup_steps=cfg.warmup_steps, total_steps=total, floor=0.1
+            )
         reconstruction = vae.decode(latents).sample
         losses = reconstruction_losses(reconstruction, batch)
         apply_update(optimizer, losses["loss"], decoder_parameters)
@@ -373,27 +262,6 @@ def encode_latents(
     mean, std = torch.cat(means), torch.cat(stds)
     save_file({"mean": mean.contiguous(), "std": std.contiguous()}, path)
     return mean, std
-
-
-def build_pipeline(
-    vae: AutoencoderKL,
-    text_encoder: CLIPTextModel,
-    tokenizer: CLIPTokenizer,
-    unet: UNet2DConditionModel,
-) -> StableDiffusionPipeline:
-    # A dict, because diffusers annotates these arguments more narrowly than it accepts them.
-    components: dict[str, Any] = {
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "unet": unet,
-        "scheduler": inference_scheduler(),
-        "safety_checker": None,
-        "feature_extractor": None,
-    }
-    pipeline = StableDiffusionPipeline(**components, requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
 
 
 def write_samples(cfg: BaseConfig, pipeline: StableDiffusionPipeline, path: Path) -> None:
@@ -496,7 +364,9 @@ def train_unet(
         ids[drop] = empty_ids
         # 2. loss and update
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.unet_steps, cfg.unet_lr, cfg.warmup_steps)
+            group["lr"] = cfg.unet_lr * lr_factor(
+                step, warmup_steps=cfg.warmup_steps, total_steps=cfg.unet_steps, floor=0.1
+            )
         text = text_encoder(ids.to(device))[0]
         losses = denoising_losses(
             unet, scheduler, batch, text, min_snr_gamma=cfg.min_snr_gamma, generator=generator

@@ -9,8 +9,8 @@ images, they are never trained further by the code that loads them.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from training.config import config_to_dict, load_config
+from training.schedule import lr_factor
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -64,20 +65,6 @@ def load_weights(
     net.load_state_dict(load_file(str(Path(directory) / WEIGHTS_NAME), device="cpu"))
     net.to(device or "cpu")
     return net.eval().requires_grad_(False)
-
-
-def warmup_cosine(
-    warmup_steps: int, total_steps: int, floor: float = 0.0
-) -> Callable[[int], float]:
-    """A learning-rate factor per step: linear warm-up, then cosine decay to ``floor``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
 
 
 def train_command(
@@ -129,7 +116,8 @@ class SmallNetLoop:
     ) -> None:
         self.optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(warmup_steps, steps)
+            self.optimizer,
+            functools.partial(lr_factor, warmup_steps=warmup_steps, total_steps=steps),
         )
         self.steps, self.log_every, self.desc = steps, log_every, desc
         self.log_path = Path(log_dir) / "train_log.jsonl"

@@ -21,10 +21,11 @@ A reward whose weights are missing is skipped with a printed reason, never silen
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,8 @@ from torch import Tensor, nn
 
 from training.objectives.feedback import RewardFn
 
-REWARD_KINDS = ("shapes-alignment", "shapes-aesthetic", "laion-aesthetic", "imagereward")
+RewardKind = Literal["shapes-alignment", "shapes-aesthetic", "laion-aesthetic", "imagereward"]
+REWARD_KINDS: tuple[RewardKind, ...] = typing.get_args(RewardKind)
 
 # CLIP's image normalisation (openai/CLIP, transformers' CLIPImageProcessor defaults)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

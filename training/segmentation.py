@@ -39,8 +39,8 @@ from torch import Tensor, nn
 
 from hypersd.shapes import Rendered, ShapesDataset
 from hypersd.shapes.spec import CANVAS
-from training.attributes import AugmentConfig, augment, images_to_tensor
 from training.devices import resolve_device
+from training.image_ops import AugmentConfig, augment, images_to_tensor
 from training.netio import (
     SmallNetLoop,
     load_weights,
@@ -249,7 +249,7 @@ class SegmentationConfig:
     dice_weight: float = 1.0
     # architecture
     channels: tuple[int, ...] = (12, 24, 48, 64)
-    # augmentation (training.attributes.AugmentConfig), somewhat stronger than the
+    # augmentation (training.image_ops.AugmentConfig), somewhat stronger than the
     # attribute network's: generated images are blurrier and noisier than renders
     augment_prob: float = 0.7
     blur_prob: float = 0.5

@@ -43,9 +43,12 @@ from hypersd.shapes import fixed_captions
 from training.aesthetic import DEFAULT_MODEL_DIR as AESTHETIC_DIR
 from training.aesthetic import load_aesthetic_model
 from training.attributes import DEFAULT_MODEL_DIR as ATTRIBUTES_DIR
-from training.attributes import images_to_tensor, load_attribute_net
+from training.attributes import load_attribute_net
+from training.config import validate_config
 from training.devices import resolve_device
-from training.evaluate import evaluate_images, generate_with_registry
+from training.evaluate import evaluate_images
+from training.image_ops import images_to_tensor
+from training.image_sources import generate_with_registry
 
 GRID_CAPTIONS = 8
 
@@ -98,6 +101,8 @@ class Row:
 
 @dataclass(frozen=True)
 class TableConfig:
+    """The table's YAML (see this module's docstring): its rows and how they are measured."""
+
     rows: tuple[Row, ...]
     registry: str | None = None
     captions: int = 500
@@ -116,13 +121,7 @@ class TableConfig:
         rows = tuple(Row.parse(row) for row in data.pop("rows", []))
         if not rows:
             raise ValueError(f"{path}: no rows")
-        allowed = set(cls.__dataclass_fields__) - {"rows"}
-        unknown = set(data) - allowed
-        if unknown:
-            raise ValueError(f"unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-        if "baselines" in data:
-            data["baselines"] = tuple(data["baselines"])
-        return cls(rows=rows, **data)
+        return validate_config(cls, {**data, "rows": rows})
 
 
 def cell_key(row: Row, steps: int) -> str:

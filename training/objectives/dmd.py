@@ -128,9 +128,3 @@ def fake_score_losses(
     prediction = fake_score(noisy, timesteps, encoder_hidden_states).sample
     mse = F.mse_loss(prediction.float(), noise.float())
     return {"loss": mse, "mse": mse}
-
-
-def updates_student(step: int, fake_updates_per_student: int = 5) -> bool:
-    """DMD2's two-time-scale rule: the fake score updates every step, the student every
-    ``fake_updates_per_student``-th step (DMD2's ``dfake_gen_update_ratio``, 5)."""
-    return step % max(1, fake_updates_per_student) == 0

@@ -10,6 +10,7 @@ ground-truth masks.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,6 +49,34 @@ def refl_loss(
     reward = reward_fn(x0_images, captions)
     loss = F.relu(alpha - reward).mean()
     return {"loss": loss, "reward": reward.detach().mean()}
+
+
+@dataclass(frozen=True)
+class RewardTerm:
+    """One reward of the feedback loss: its name (for the log), r, its weight w and margin α."""
+
+    name: str
+    reward_fn: RewardFn
+    weight: float
+    margin: float
+
+
+def feedback_losses(
+    x0_images: Tensor, captions: Sequence[Any], terms: Sequence[RewardTerm]
+) -> dict[str, Tensor]:
+    """L = Σ_r w_r · mean(ReLU(α_r - r(x̂0, c))) over the reward terms (``refl_loss`` each).
+
+    Returns ``loss``, and for each term ``<name>_loss`` (detached) and ``<name>_reward``.
+    """
+    out: dict[str, Tensor] = {}
+    total = x0_images.new_zeros(())
+    for term in terms:
+        refl = refl_loss(x0_images, captions, term.reward_fn, term.margin)
+        total = total + term.weight * refl["loss"]
+        out[f"{term.name}_loss"] = refl["loss"].detach()
+        out[f"{term.name}_reward"] = refl["reward"]
+    out["loss"] = total
+    return out
 
 
 def dice_loss(probabilities: Tensor, masks: Tensor, smooth: float = 1.0) -> Tensor:

@@ -105,12 +105,6 @@ def x0_from_epsilon(
     return (x_t - (1 - alpha).sqrt() * epsilon) / alpha.sqrt()
 
 
-def epsilon_from_x0(x_t: Tensor, x0: Tensor, timesteps: Tensor, alphas_cumprod: Tensor) -> Tensor:
-    """ε̂ = (x_t - sqrt(ᾱ_t) x̂0) / sqrt(1 - ᾱ_t) (timesteps must be >= 0)."""
-    alpha = alphas_at(alphas_cumprod, timesteps).to(x_t.dtype)
-    return (x_t - alpha.sqrt() * x0) / (1 - alpha).sqrt()
-
-
 def ddim_step(
     x_t: Tensor,
     epsilon: Tensor,

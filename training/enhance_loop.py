@@ -1,0 +1,256 @@
+"""The feedback and DMD stages' loop (``training.enhance``): rewards, losses, updates.
+
+``train`` runs one stage to its end, one student update at a time: the step's prompts
+(``training.data.next_batch``), DMD's fake-score updates (``fake_score_step``), the student's
+loss terms (``student_losses``: the feedback rewards, the anchor MSE, DMD's distribution
+matching and the structure loss) and update, then the log and the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from training.base import RunLog
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import config_to_dict
+from training.data import Batch, next_batch
+from training.models import Models, lora_parameters
+from training.objectives.dmd import dmd_losses, fake_score_losses
+from training.objectives.feedback import (
+    RewardTerm,
+    SegmentationFn,
+    denoised_x0_prediction,
+    feedback_losses,
+    latents_to_images,
+    noised_x0_prediction,
+    structure_loss,
+)
+from training.objectives.solvers import x0_from_epsilon
+from training.rewards import RewardSpec, load_reward
+from training.sampling import adapters_off, sample_x0, trailing_timesteps
+from training.schedule import lr_factor
+from training.segmentation import load_segmentation_model
+
+if TYPE_CHECKING:  # the command's module, which runs this one
+    from training.enhance import EnhanceConfig, Method
+
+
+@dataclass
+class Rewards:
+    """The feedback loss's reward terms, and the segmentation network of the structure loss."""
+
+    terms: list[RewardTerm]
+    segmentation: SegmentationFn | None
+
+
+def load_rewards(cfg: EnhanceConfig, device: torch.device) -> Rewards:
+    """The reward terms that have a weight and whose networks load here (a skipped one says
+    why), and the segmentation network when the structure loss is on."""
+    specs = {
+        "alignment": RewardSpec(
+            cfg.alignment, cfg.alignment_path, cfg.alignment_weight, cfg.alignment_margin
+        ),
+        "aesthetic": RewardSpec(
+            cfg.aesthetic,
+            cfg.aesthetic_path,
+            cfg.aesthetic_weight,
+            cfg.aesthetic_margin,
+            cfg.aesthetic_head,
+        ),
+    }
+    terms = []
+    for name, spec in specs.items():
+        if spec.kind == "none" or spec.weight == 0:
+            continue
+        reward_fn = load_reward(spec, device)
+        if reward_fn is not None:
+            terms.append(RewardTerm(name, reward_fn, spec.weight, spec.margin))
+    segmentation = None
+    if cfg.structure_weight > 0:
+        if Path(cfg.segmentation_path).exists():
+            segmentation = load_segmentation_model(cfg.segmentation_path, device)
+        else:
+            print(f"structure loss skipped: no segmentation network at {cfg.segmentation_path}")
+    return Rewards(terms, segmentation)
+
+
+def student_losses(
+    cfg: EnhanceConfig,
+    method: Method,
+    models: Models,
+    rewards: Rewards,
+    batch: Batch,
+    text: Tensor,
+    empty: Tensor,
+    generator: torch.Generator,
+) -> dict[str, Tensor]:
+    """The student's loss terms for one batch (feedback: ReFL + structure; DMD: + DMD)."""
+    student, alphas, vae = models.student, models.alphas_cumprod, models.pipe.vae
+    device = text.device
+    noise = torch.randn(batch.latent_shape, generator=generator, device=device)
+    terms: dict[str, Tensor] = {}
+    if method == "feedback":
+        schedule = trailing_timesteps(alphas.shape[0], cfg.sampler_steps)
+        x0, x_t, t = denoised_x0_prediction(
+            student, alphas, noise, text, schedule=schedule, generator=generator
+        )
+        # the starting model's x̂0 from the same point (the new LoRA switched off)
+        with torch.no_grad(), adapters_off(student):
+            timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+            x0_start = x0_from_epsilon(x_t, student(x_t, timesteps, text).sample, timesteps, alphas)
+    else:
+        x0 = sample_x0(student, noise, text, alphas, (cfg.one_step_timestep,))
+        with torch.no_grad():
+            if models.anchor is not None:
+                anchor_schedule = trailing_timesteps(alphas.shape[0], cfg.anchor_steps)
+                x0_start = sample_x0(models.anchor, noise, text, alphas, anchor_schedule)
+            else:
+                with adapters_off(student):
+                    x0_start = sample_x0(student, noise, text, alphas, (cfg.one_step_timestep,))
+    if models.fake_score is not None:
+        dmd = dmd_losses(
+            x0,
+            models.teacher,
+            models.fake_score,
+            alphas,
+            text,
+            uncond_hidden_states=empty,
+            guidance=cfg.dmd_guidance,
+            generator=generator,
+        )
+        terms["dmd"] = dmd["loss"]
+        terms["dmd_gap"] = dmd["real_fake_gap"]
+    terms["anchor"] = F.mse_loss(x0.float(), x0_start.float())
+    feedback = feedback_losses(latents_to_images(vae, x0), batch.captions, rewards.terms)
+    terms |= {k: v for k, v in feedback.items() if k != "loss"}
+    loss = feedback["loss"] + cfg.anchor_weight * terms["anchor"]
+    if "dmd" in terms:
+        loss = loss + cfg.dmd_weight * terms["dmd"]
+    if rewards.segmentation is not None and batch.render_latents is not None:
+        assert batch.masks is not None
+        low, high = cfg.structure_window
+        x0_render, _ = noised_x0_prediction(
+            student, alphas, batch.render_latents, text, window=(low, high), generator=generator
+        )
+        structure = structure_loss(
+            latents_to_images(vae, x0_render), batch.masks, rewards.segmentation, from_logits=True
+        )
+        terms["structure"] = structure["loss"]
+        loss = loss + cfg.structure_weight * structure["loss"]
+    terms["loss"] = loss
+    return terms
+
+
+def fake_score_step(
+    cfg: EnhanceConfig,
+    models: Models,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    text: Tensor,
+    autocast: torch.autocast,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """DMD's fake score catches up with the student: ``fake_updates`` steps of its diffusion
+    loss on the student's current 1-step outputs (made without grad: the student stays put)."""
+    assert models.fake_score is not None
+    fake: dict[str, Tensor] = {}
+    for _ in range(cfg.fake_updates):
+        noise = torch.randn(batch.latent_shape, generator=generator, device=text.device)
+        with torch.no_grad(), autocast:
+            generated = sample_x0(
+                models.student, noise, text, models.alphas_cumprod, (cfg.one_step_timestep,)
+            )
+        with autocast:
+            fake = fake_score_losses(
+                models.fake_score, generated, models.alphas_cumprod, text, generator=generator
+            )
+        optimizer.zero_grad(set_to_none=True)
+        fake["loss"].backward()
+        optimizer.step()
+    return {"fake/loss": float(fake["loss"].detach())} if fake else {}
+
+
+def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.device) -> bool:
+    """Train the stage to its end; False if stopped early by ``stop_after``."""
+    out = Path(cfg.out_dir)
+    # 1. the rewards, the optimizers (the new LoRA's; DMD: the fake score's), a checkpoint resumed
+    rewards = load_rewards(cfg, device)
+    student_params = lora_parameters(models.student)
+    optimizer = torch.optim.AdamW(student_params, lr=cfg.lr, weight_decay=0.0)
+    modules: dict[str, torch.nn.Module] = {"lora": torch.nn.ParameterList(student_params)}
+    optimizers: dict[str, torch.optim.Optimizer] = {"student": optimizer}
+    fake_optimizer = None
+    if models.fake_score is not None:
+        fake_params = lora_parameters(models.fake_score)
+        fake_optimizer = torch.optim.AdamW(fake_params, lr=cfg.fake_lr, weight_decay=0.0)
+        modules["fake"] = torch.nn.ParameterList(fake_params)
+        optimizers["fake"] = fake_optimizer
+    step = 0
+    checkpoint = out / "checkpoint"
+    if (checkpoint / "state.json").exists():
+        step = load_checkpoint(checkpoint, modules=modules, optimizers=optimizers)["step"]
+        print(f"{method}: resumed from {checkpoint} at step {step}")
+
+    def save(done: int) -> None:
+        """The stage's checkpoint after ``done`` student updates."""
+        save_checkpoint(
+            checkpoint,
+            step=done,
+            config=config_to_dict(cfg),
+            modules=modules,
+            optimizers=optimizers,
+            extra={"method": method},
+        )
+
+    # 2. the loop's inputs: the empty caption (DMD's CFG), the random source, autocast
+    log = RunLog(out / "log.jsonl")
+    empty = models.encode([""])
+    generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + step)
+    stop_at = step + cfg.stop_after if cfg.stop_after else None
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+    progress = tqdm(range(step, cfg.steps), desc=method, initial=step, total=cfg.steps)
+    for step in progress:
+        # stop_after: this call ends here, leaving a checkpoint the next one resumes from
+        if stop_at is not None and step >= stop_at:
+            progress.close()
+            save(step)
+            print(f"{method}: stopped at step {step} (stop_after); rerun to resume")
+            return False
+        # 3. this step's prompts (Shapes: with their renders' latents and true masks)
+        batch = next_batch(cfg, step, models.pipe.vae, device)
+        with torch.no_grad():
+            text = models.encode(batch.captions)
+        values: dict[str, float] = {}
+        # 4. (DMD) the fake score catches up with the student's current outputs
+        if fake_optimizer is not None:
+            values |= fake_score_step(cfg, models, fake_optimizer, batch, text, autocast, generator)
+        # 5. the student's update: linear warm-up, then constant or cosine learning rate
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(
+                step,
+                warmup_steps=cfg.warmup_steps,
+                total_steps=cfg.steps,
+                schedule=cfg.lr_schedule,
+                floor=0.1,
+            )
+        with autocast:
+            losses = student_losses(cfg, method, models, rewards, batch, text, empty, generator)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(student_params, cfg.grad_clip)
+        optimizer.step()
+        values |= {f"student/{key}": float(v.detach()) for key, v in losses.items()}
+        # 6. log, checkpoint
+        if step % cfg.log_every == 0 or step + 1 == cfg.steps:
+            progress.set_postfix(loss=f"{values['student/loss']:.4f}")
+            log.write(method, step, values)
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save(step + 1)
+    return True
