@@ -1,11 +1,12 @@
 """The gateway's Prometheus series (base units; labels are route templates, codes and models).
 
-Queue depth and finished jobs are read from the queue and the job store at scrape time, so they
-are right whichever gateway replica or worker changed them.
+Queue depth, finished jobs and live workers are read from the queue and the job store at scrape
+time, so they are right whichever gateway replica or worker changed them.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Iterator
 
@@ -83,3 +84,12 @@ class JobsCollector(Collector):
         for (model, status), count in sorted(self.store.finished_counts().items()):
             finished.add_metric([model, status], count)
         yield finished
+        # Live workers (a heartbeat in its lifetime) by model and backend: the alert "jobs queued
+        # and no worker" and the dashboard's "backend in use" read it.
+        workers = GaugeMetricFamily(
+            "hypersd_workers", "Live workers, by model and backend.", labels=["model", "backend"]
+        )
+        live = collections.Counter((info.model, info.backend) for info in self.store.workers())
+        for (model, backend), count in sorted(live.items()):
+            workers.add_metric([model, backend], count)
+        yield workers
