@@ -18,7 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-from hypersd.shapes import Scene, ShapeObject, fixed_captions, parse_caption, render
+from hypersd.shapes import (
+    FINAL_CAPTION_SET,
+    Scene,
+    ShapeObject,
+    fixed_captions,
+    parse_caption,
+    render,
+)
 from training import evaluate
 from training.attributes import load_attribute_net
 from training.evaluate import (
@@ -143,15 +150,21 @@ def test_evaluate_images_on_renders_and_noise(net: evaluate.AttributeNet) -> Non
     good = evaluate_images(renders, captions, net, seed=3)
     assert good.adherence["all"] >= 0.95
     assert good.correct.count(True) == round(good.adherence["all"] * 40)
+    # the geometric judge, beside the network: renders pass, and say so per image
+    assert good.geometric["adherence"] == {"all": 1.0, "one": 1.0, "two": 1.0}
+    assert good.geometric_failed == [[]] * 40
     noise = [
         np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(40)
     ]
     bad = evaluate_images(noise, captions, net, seed=3)
     assert bad.adherence["all"] <= 0.05
+    assert bad.geometric["adherence"]["all"] == 0.0
+    assert sum(bad.geometric["failures"]["all"].values()) >= 40
     assert bad.fid["all"] > 10 * good.fid["all"]
     assert set(bad.fid) == {"all", "one", "two"}
     table = good.markdown("renders")
     assert "prompt adherence" in table and "FID (Shapes)" in table and "two objects (20)" in table
+    assert "adherence, geometric judge" in table and "judge: shape wrong" in table
 
 
 def test_sample_grid_frames_and_size() -> None:
@@ -177,6 +190,8 @@ def test_cli_reference_renders(tmp_path: Path, capsys: pytest.CaptureFixture[str
     # FID is biased upwards at small sample sizes (~25 for 100 vs 100 renders, ~5 at 500)
     assert data["fid"]["all"] < 40
     assert len(data["per_image"]) == 100
+    assert data["geometric"]["adherence"]["all"] >= 0.99
+    assert all(row["geometric_failed"] == [] for row in data["per_image"])
     assert "prompt adherence" in (out / "eval.md").read_text()
     assert "prompt adherence" in capsys.readouterr().out
     with Image.open(out / "grid.png") as grid:
@@ -193,6 +208,9 @@ def test_cli_held_out_caption_set(tmp_path: Path) -> None:
     assert table["grid_captions"] == fixed_captions(20)
     assert held_out["grid_captions"] == fixed_captions(20, seed=1) != fixed_captions(20)
     assert held_out["meta"]["caption_set"] == 1 and held_out["adherence"]["all"] >= 0.95
+    final = ["--caption-set", str(FINAL_CAPTION_SET), "--out", str(tmp_path / "c")]
+    assert evaluate.main([*argv, *final]) == 0
+    assert _read_json(tmp_path / "c")["grid_captions"] == fixed_captions(20, seed=3)
 
 
 def test_cli_registry_model_through_the_pipeline_api(
@@ -246,6 +264,7 @@ def test_random_pipeline_scores_low(tiny_models: TinyModels, tmp_path: Path) -> 
     assert evaluate.main([*argv, "--captions", "16", "--out", str(out), "--quiet"]) == 0
     data = _read_json(out)
     assert data["adherence"]["all"] <= 0.1
+    assert data["geometric"]["adherence"]["all"] <= 0.1
     assert data["meta"]["scheduler"] == "ddim-trailing"
     # its FID is far above that of renders at the same (small, so biased) sample size
     reference = tmp_path / "renders"
@@ -284,3 +303,19 @@ def test_report_json_round_trip() -> None:
     )
     data = json.loads(json.dumps(report.to_json()))
     assert data["per_image"][1] == {"caption": TWO.caption(), "predicted": None, "correct": False}
+
+
+def test_eval_summary_shows_the_geometric_judge(tmp_path: Path) -> None:
+    """``hypersd-train eval-summary`` has the judge's adherence and the caption set beside the
+    network's; reports written before the judge existed show "–"."""
+    from training.eval_summary import summary_row, summary_table
+
+    out = tmp_path / "renders"
+    argv = ["--reference", "renders", "--captions", "10", "--caption-set", "3", "--quiet"]
+    assert evaluate.main([*argv, "--out", str(out)]) == 0
+    report = _read_json(out)
+    assert summary_table([report]).splitlines()[0].endswith("| geometric judge | caption set |")
+    cells = [c.strip() for c in summary_row(report).strip("|").split("|")]
+    assert cells[-2:] == ["100.0%", "3"]
+    old = {k: v for k, v in report.items() if k != "geometric"}
+    assert [c.strip() for c in summary_row(old).strip("|").split("|")][-2] == "–"

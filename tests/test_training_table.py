@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -66,6 +67,43 @@ def test_table_on_the_shipped_model(tmp_path: Path) -> None:
     results = table.run(TableConfig.load(path))
     assert [c.stat().st_mtime_ns for c in cells] == stamps
     assert results["Fast"][1] == results["Teacher"][1]
+    # the geometric judge's own tables and claims, on the held-out captions (set 3)
+    assert "Prompt adherence, geometric judge, held-out caption set 3" in text
+    assert "Geometric judge: images failing each attribute (of 4)" in text
+    assert "- Fast beats Slow at 1 step(s) (geometric judge):" in text
+    assert "- Fast at 2 steps (geometric judge)" not in text  # no 2-step cell to check
+    geometric = results["Teacher"][25]["geometric"]
+    assert geometric["caption_set"] == 3 and geometric["captions"] == 4
+    assert set(geometric["adherence"]) == {"all", "one", "two"}
+
+
+def test_cached_cells_gain_the_geometric_judge_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cell cached before the judge existed (or by another version of it) gets the judge's
+    measure added; its other numbers are kept, not measured again."""
+    out = tmp_path / "table"
+    cfg = TableConfig(
+        rows=(Row.parse({"label": "T", "model": "shapes-base", "steps": [1], "guidance": 2}),),
+        registry=str(ROOT / "models" / "registry.toml"),
+        captions=2,
+        out=str(out),
+        device="cpu",
+    )
+    first = table.run(cfg)["T"][1]
+    (cell,) = (out / "cells").glob("*.json")
+    old = json.loads(cell.read_text())
+    del old["geometric"]
+    old["adherence"] = {"all": 0.123}  # a marker: the network's numbers must survive as they are
+    cell.write_text(json.dumps(old))
+    again = table.run(cfg)["T"][1]
+    assert again["adherence"] == {"all": 0.123}
+    assert again["geometric"] == first["geometric"]
+    assert json.loads(cell.read_text())["geometric"] == first["geometric"]
+    # another judge version: measured again, still without touching the rest
+    monkeypatch.setattr(table, "JUDGE_VERSION", 99)
+    bumped = table.run(cfg)["T"][1]
+    assert bumped["geometric"]["version"] == 99 and bumped["adherence"] == {"all": 0.123}
 
 
 def test_fingerprint_follows_the_weight_files(tiny_models: Any, tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """``hypersd-train eval-summary DIR [DIR ...]``: one markdown table from several evaluations.
 
 Each DIR is an ``--out`` folder of ``hypersd-train evaluate`` (its ``eval.json``);
-the table has one row per evaluation: what was sampled, how, and what it scored.
+the table has one row per evaluation: what was sampled, how, and what it scored, by the
+attribute network and by the geometric judge (``training.geometric_judge``; "–" for reports
+written before it), with the caption set each was measured on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 def summary_row(report: dict[str, Any]) -> str:
     meta = report.get("meta", {})
     adherence, fid = report["adherence"], report["fid"]
+    geometric = report.get("geometric") or {}
     cells = [
         str(meta.get("source", "?")),
         str(meta.get("steps") or "default"),
@@ -24,14 +27,17 @@ def summary_row(report: dict[str, Any]) -> str:
         f"{adherence.get('one', float('nan')):.1%}",
         f"{adherence.get('two', float('nan')):.1%}",
         f"{fid['all']:.1f}",
+        f"{geometric['adherence']['all']:.1%}" if geometric else "–",
+        str(meta.get("caption_set", "?")),
     ]
     return "| " + " | ".join(cells) + " |"
 
 
 def summary_table(reports: list[dict[str, Any]]) -> str:
     lines = [
-        "| source | steps | guidance | captions | adherence | one object | two objects | FID |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| source | steps | guidance | captions | adherence | one object | two objects | FID "
+        "| geometric judge | caption set |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     return "\n".join(lines + [summary_row(r) for r in reports])
 

@@ -10,7 +10,15 @@ network (``training.attributes``) and reports
 * per-attribute accuracies (background, place, colour, shape, size), which
   say *why* images fail;
 * FID (Shapes): the Fréchet distance between the generated images and fresh
-  renders of the same captions, in the attribute network's feature space.
+  renders of the same captions, in the attribute network's feature space;
+* adherence by the geometric judge (``training.geometric_judge``): the same
+  question answered with no network at all (connected components, palette
+  distances, the renderer's own shape templates), with per-attribute failure
+  counts. The attribute network is a sibling of the alignment reward that the
+  feedback and DMD stages optimise; the geometric judge shares nothing with
+  training, so it sees what those rewards may have taught the models to get
+  away with. Report it on the final caption set (``--caption-set 3``,
+  ``hypersd.shapes.FINAL_CAPTION_SET``), which no training or selection step reads.
 
 Other sources of images (``training.image_sources``), for the same report:
 
@@ -47,6 +55,7 @@ from PIL import Image
 from hypersd.shapes import Scene, fixed_captions, parse_caption, render
 from training.attributes import DEFAULT_MODEL_DIR, AttributeNet, load_attribute_net, split_logits
 from training.devices import resolve_device
+from training.geometric_judge import JUDGED_ATTRIBUTES, judge_images, summarize
 from training.image_ops import images_to_tensor
 from training.image_sources import (
     PipelineScheduler,
@@ -175,15 +184,22 @@ class EvalReport:
     predicted: list[str | None]  # the predicted scene's caption; None when no valid scene
     correct: list[bool]
     meta: dict[str, Any] = field(default_factory=dict)
+    # The geometric judge's summary (``geometric_judge.summarize``) and, per image, the
+    # attributes it found wrong (empty: correct); empty when not judged.
+    geometric: dict[str, Any] = field(default_factory=dict)
+    geometric_failed: list[list[str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        failed = data.pop("geometric_failed")
         data["per_image"] = [
             {"caption": c, "predicted": p, "correct": ok}
             for c, p, ok in zip(
                 data.pop("captions"), data.pop("predicted"), data.pop("correct"), strict=True
             )
         ]
+        for row, attributes in zip(data["per_image"], failed, strict=False):
+            row["geometric_failed"] = attributes  # only when the judge has read the images
         return data
 
     def markdown(self, title: str = "Shapes evaluation") -> str:
@@ -211,11 +227,28 @@ class EvalReport:
             values = {g: acc[attribute] for g, acc in self.attributes.items()}
             lines.append(row(ATTRIBUTE_LABELS[attribute], values, percent))
         lines.append(row("**FID (Shapes)**", self.fid, lambda v: f"{v:.3f}"))
+        if self.geometric:
+            lines.append(
+                row("**adherence, geometric judge**", self.geometric["adherence"], percent)
+            )
+            failures = self.geometric["failures"]
+            for attribute in JUDGED_ATTRIBUTES:
+                values = {g: float(f[attribute]) for g, f in failures.items()}
+                lines.append(
+                    row(f"judge: {attribute} wrong (images)", values, lambda v: f"{v:.0f}")
+                )
         lines += [
             "",
             "FID is biased upwards at small sample sizes (renders against renders: ~25 at 100"
             " captions, ~5 at 500): compare FIDs only at the same caption count.",
         ]
+        if self.geometric:
+            lines += [
+                "",
+                "The geometric judge (training/geometric_judge.py) shares nothing with training:"
+                " no network; components, palette distances and the renderer's templates. An"
+                " image with the wrong object count is judged on count and background only.",
+            ]
         return "\n".join(lines) + "\n"
 
     def captions_by_kind(self) -> dict[str, int]:
@@ -268,6 +301,7 @@ def evaluate_images(
     labels, features = _read(net, images, batch_size)
     _, real_features = _read(net, reference, batch_size)
     predicted = [decode_labels(row) for row in labels.tolist()]
+    verdicts = judge_images(images, captions)
     kinds = np.array([s.kind for s in scenes])
     fid = {"all": frechet_distance(features, real_features)}
     for kind in KINDS:
@@ -282,6 +316,8 @@ def evaluate_images(
         captions=list(captions),
         predicted=[p.caption() if p else None for p in predicted],
         correct=[p == s for p, s in zip(predicted, scenes, strict=True)],
+        geometric=summarize(verdicts, captions),
+        geometric_failed=[list(v.failed) for v in verdicts],
     )
 
 
@@ -360,8 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--caption-set",
         type=int,
         default=0,
-        help="0: the fixed evaluation captions (the tables'); another number: another fixed set, "
-        "held out from the tables, for choosing between training runs",
+        help="0: the fixed evaluation captions (the tables'); 1, 2: other fixed sets, held out "
+        "from the tables, for choosing between training runs; 3 (FINAL_CAPTION_SET): for final "
+        "numbers only, never for a choice",
     )
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--attributes", default=str(DEFAULT_MODEL_DIR), help="attribute network")

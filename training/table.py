@@ -2,12 +2,21 @@
 
 Every row is a registry model (or one model per step count, e.g. TSCD's N-step LoRAs) measured
 at its step counts over the same fixed captions: prompt adherence (the attribute network),
-FID (Shapes features) and the mean aesthetic reward. Writes ``table.md`` (three tables: steps
-as columns), ``table.json`` and ``grid.png`` (one row of samples per model and step count, the
-same captions and seeds in every row), and checks the paper's two claims on the result.
+FID (Shapes features) and the mean aesthetic reward. Writes ``table.md`` (steps as columns),
+``table.json`` and ``grid.png`` (one row of samples per model and step count, the same captions
+and seeds in every row), and checks the paper's claims on the result.
+
+Beside those, every cell is judged by the geometric judge (``training.geometric_judge``: no
+network, nothing shared with training) on its own images of the final caption set
+(``final_caption_set``, default ``hypersd.shapes.FINAL_CAPTION_SET`` = 3), which no training
+or selection step reads: adherence and per-attribute failures, and the claims again under it.
+The attribute network, the FID features and the aesthetic reward are all siblings of training
+rewards; the geometric judge is the table's measure that a model cannot have been tuned to.
 
 Each cell is cached in ``out/cells/`` once measured, so an interrupted run resumes and a new
-row costs only its own cells.
+row costs only its own cells. A cached cell whose geometric measure is missing or was made by
+another judge version (``JUDGE_VERSION``) or on other captions gets that measure added alone:
+the cell's other numbers are kept as they were.
 
 The YAML:
 
@@ -29,6 +38,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +49,7 @@ import yaml
 from PIL import Image
 
 from hypersd.registry import load_registry
-from hypersd.shapes import fixed_captions
+from hypersd.shapes import FINAL_CAPTION_SET, fixed_captions
 from training.aesthetic import DEFAULT_MODEL_DIR as AESTHETIC_DIR
 from training.aesthetic import load_aesthetic_model
 from training.attributes import DEFAULT_MODEL_DIR as ATTRIBUTES_DIR
@@ -47,6 +57,7 @@ from training.attributes import load_attribute_net
 from training.config import validate_config
 from training.devices import resolve_device
 from training.evaluate import evaluate_images
+from training.geometric_judge import JUDGE_VERSION, JUDGED_ATTRIBUTES, judge_images, summarize
 from training.image_ops import images_to_tensor
 from training.image_sources import generate_with_registry
 
@@ -114,6 +125,7 @@ class TableConfig:
     threads: int = 1
     device: str = "auto"
     batch_size: int = 50
+    final_caption_set: int = FINAL_CAPTION_SET  # the geometric judge's captions (held out)
 
     @classmethod
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TableConfig:
@@ -140,6 +152,45 @@ def model_fingerprint(cfg: TableConfig, model: str) -> str:
     return hashlib.sha1(json.dumps([entry, stats], sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _generate(cfg: TableConfig, row: Row, steps: int, captions: list[str]) -> list[Image.Image]:
+    """One image per caption from the row's model at ``steps``, seeds ``cfg.seed + index``."""
+    images, _ = generate_with_registry(
+        row.models[steps],
+        captions,
+        seed=cfg.seed,
+        steps=steps,
+        guidance=row.guidance,
+        eta=row.eta,
+        size=None,
+        batch_size=cfg.batch_size,
+        device=None if cfg.device == "auto" else cfg.device,
+        registry_path=cfg.registry,
+    )
+    return images
+
+
+def geometric_captions(cfg: TableConfig) -> list[str]:
+    """The captions of the geometric judge's measure: the held-out final set."""
+    return fixed_captions(cfg.captions, seed=cfg.final_caption_set)
+
+
+def _geometric_identity(cfg: TableConfig) -> dict[str, Any]:
+    """What a cell's geometric measure depends on besides the model (the cell's fingerprint)."""
+    return {
+        "version": JUDGE_VERSION,
+        "caption_set": cfg.final_caption_set,
+        "captions": cfg.captions,
+        "seed": cfg.seed,
+    }
+
+
+def measure_geometric(cfg: TableConfig, row: Row, steps: int) -> dict[str, Any]:
+    """Generate the cell's images of the held-out captions and judge them geometrically."""
+    captions = geometric_captions(cfg)
+    verdicts = judge_images(_generate(cfg, row, steps, captions), captions)
+    return summarize(verdicts, captions) | _geometric_identity(cfg)
+
+
 def measure_cell(cfg: TableConfig, row: Row, steps: int, captions: list[str]) -> dict[str, Any]:
     """Generate and judge one (model, steps) cell; cached as JSON + its grid samples."""
     cells = Path(cfg.out) / "cells"
@@ -150,21 +201,16 @@ def measure_cell(cfg: TableConfig, row: Row, steps: int, captions: list[str]) ->
         cached: dict[str, Any] = json.loads(path.read_text())
         same = (cached["captions"], cached["seed"], cached.get("fingerprint"))
         if same == (len(captions), cfg.seed, fingerprint):
+            geometric = cached.get("geometric", {})
+            if {k: geometric.get(k) for k in _geometric_identity(cfg)} != _geometric_identity(cfg):
+                # A cell measured before the judge existed (or by another version of it):
+                # add the judge's measure, keep every other number as measured.
+                cached["geometric"] = measure_geometric(cfg, row, steps)
+                path.write_text(json.dumps(cached, indent=2) + "\n")
             return cached
     device = None if cfg.device == "auto" else cfg.device
     started = time.time()
-    images, _ = generate_with_registry(
-        row.models[steps],
-        captions,
-        seed=cfg.seed,
-        steps=steps,
-        guidance=row.guidance,
-        eta=row.eta,
-        size=None,
-        batch_size=cfg.batch_size,
-        device=device,
-        registry_path=cfg.registry,
-    )
+    images = _generate(cfg, row, steps, captions)
     seconds = time.time() - started
     judge = load_attribute_net(ATTRIBUTES_DIR, resolve_device(device))
     report = evaluate_images(images, captions, judge, seed=cfg.seed)
@@ -191,13 +237,41 @@ def measure_cell(cfg: TableConfig, row: Row, steps: int, captions: list[str]) ->
         "reward": float(rewards.mean()),
         "generation_seconds": round(seconds, 1),
         "fingerprint": fingerprint,
+        "geometric": measure_geometric(cfg, row, steps),
     }
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def claims(cfg: TableConfig, results: dict[str, dict[int, dict[str, Any]]]) -> list[str]:
-    """The paper's claims checked on the measured cells, one line each."""
+def network_adherence(cell: dict[str, Any]) -> float:
+    """The cell's prompt adherence by the attribute network (the table's captions)."""
+    return float(cell["adherence"]["all"])
+
+
+def geometric_adherence(cell: dict[str, Any]) -> float:
+    """The cell's prompt adherence by the geometric judge (the held-out captions)."""
+    return float(cell["geometric"]["adherence"]["all"])
+
+
+# The teacher-ratio claims: steps -> the share of the teacher's 25-step adherence to reach.
+# The attribute network's table states the paper's 1-step claim; the geometric judge's
+# also issue 14's 2-step target.
+NETWORK_RATIOS = {1: 0.9}
+GEOMETRIC_RATIOS = {1: 0.9, 2: 0.95}
+
+
+def claims(
+    cfg: TableConfig,
+    results: dict[str, dict[int, dict[str, Any]]],
+    adherence: Callable[[dict[str, Any]], float] = network_adherence,
+    ratios: dict[int, float] | None = None,
+    judged: str = "",
+) -> list[str]:
+    """The paper's claims checked on the measured cells, one line each.
+
+    ``adherence`` reads a cell's adherence (the network's by default); ``judged`` is added
+    to each line (e.g. `` (geometric judge)``) to tell the judges' lines apart.
+    """
     lines: list[str] = []
     if cfg.final is None or cfg.final not in results:
         return lines
@@ -207,35 +281,58 @@ def claims(cfg: TableConfig, results: dict[str, dict[int, dict[str, Any]]]) -> l
             other = results.get(baseline, {}).get(steps)
             if other is None:
                 continue
-            ours, theirs = cell["adherence"]["all"], other["adherence"]["all"]
+            ours, theirs = adherence(cell), adherence(other)
             verdict = "yes" if ours > theirs else "NO"
             lines.append(
-                f"- {cfg.final} beats {baseline} at {steps} step(s): {verdict} "
+                f"- {cfg.final} beats {baseline} at {steps} step(s){judged}: {verdict} "
                 f"({ours:.1%} vs {theirs:.1%})"
             )
     teacher = results.get(cfg.teacher or "", {}).get(25)
-    if teacher is not None and 1 in final:
-        ratio = final[1]["adherence"]["all"] / max(teacher["adherence"]["all"], 1e-9)
-        verdict = "yes" if ratio >= 0.9 else "NO"
+    for steps, target in sorted((NETWORK_RATIOS if ratios is None else ratios).items()):
+        if teacher is None or steps not in final:
+            continue
+        ratio = adherence(final[steps]) / max(adherence(teacher), 1e-9)
+        verdict = "yes" if ratio >= target else "NO"
         lines.append(
-            f"- {cfg.final} at 1 step reaches >= 90% of the teacher's 25-step adherence: "
-            f"{verdict} ({ratio:.1%} of it)"
+            f"- {cfg.final} at {steps} step{'s' if steps > 1 else ''}{judged} reaches "
+            f">= {target:.0%} of the teacher's 25-step adherence: {verdict} ({ratio:.1%} of it)"
         )
     return lines
+
+
+def _failures(cell: dict[str, Any]) -> str:
+    """The geometric judge's failures of a cell, most frequent first: ``shape 97, size 4``."""
+    counts = cell["geometric"]["failures"]["all"]
+    ranked = sorted((a for a in JUDGED_ATTRIBUTES if counts[a]), key=lambda a: -counts[a])
+    return ", ".join(f"{a} {counts[a]}" for a in ranked) or "none"
 
 
 def markdown(cfg: TableConfig, results: dict[str, dict[int, dict[str, Any]]]) -> str:
     columns = sorted({s for cells in results.values() for s in cells})
     header = "| model | " + " | ".join(f"{s} step{'s' if s > 1 else ''}" for s in columns) + " |"
     rule = "|---" * (len(columns) + 1) + "|"
-    measures = (
+    measures: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
         ("Prompt adherence (higher is better)", lambda c: f"{c['adherence']['all']:.1%}"),
         ("FID, Shapes features (lower is better)", lambda c: f"{c['fid']['all']:.1f}"),
         ("Mean aesthetic reward (clean renders ~1.04)", lambda c: f"{c['reward']:.3f}"),
+        (
+            f"Prompt adherence, geometric judge, held-out caption set {cfg.final_caption_set}"
+            " (higher is better)",
+            lambda c: f"{geometric_adherence(c):.1%}",
+        ),
+        (
+            f"Geometric judge: images failing each attribute (of {cfg.captions})",
+            _failures,
+        ),
     )
     lines = [
         f"{cfg.captions} fixed captions, seed {cfg.seed}; images from the serving pipeline (the "
         "registry's recipes), judged by models/shapes-attributes.",
+        "",
+        f"The geometric judge's tables: {cfg.captions} other captions (caption set "
+        f"{cfg.final_caption_set}, read by no training or selection step), judged with no "
+        "network (training/geometric_judge.py: components, palette distances, the renderer's "
+        "templates); it shares nothing with training.",
         "",
     ]
     for title, fmt in measures:
@@ -244,7 +341,9 @@ def markdown(cfg: TableConfig, results: dict[str, dict[int, dict[str, Any]]]) ->
             values = [fmt(cells[s]) if s in cells else "–" for s in columns]
             lines.append(f"| {label} | " + " | ".join(values) + " |")
         lines.append("")
-    checked = claims(cfg, results)
+    checked = claims(cfg, results) + claims(
+        cfg, results, geometric_adherence, GEOMETRIC_RATIOS, " (geometric judge)"
+    )
     if checked:
         lines += ["**The paper's claims on this table**", "", *checked, ""]
     return "\n".join(lines)
@@ -271,7 +370,11 @@ def run(cfg: TableConfig) -> dict[str, dict[int, dict[str, Any]]]:
         for steps in row.models:
             cell = measure_cell(cfg, row, steps, captions)
             results[row.label][steps] = cell
-            print(f"{row.label} @ {steps}: adherence {cell['adherence']['all']:.1%}", flush=True)
+            print(
+                f"{row.label} @ {steps}: adherence {network_adherence(cell):.1%}, "
+                f"geometric judge {geometric_adherence(cell):.1%}",
+                flush=True,
+            )
     out = Path(cfg.out)
     (out / "table.md").write_text(markdown(cfg, results))
     (out / "table.json").write_text(json.dumps(results, indent=2) + "\n")

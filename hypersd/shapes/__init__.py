@@ -8,10 +8,16 @@ from hypersd.shapes.captions import (
     sample_scene,
     scene_to_caption,
 )
-from hypersd.shapes.dataset import ShapesDataset, ShapesSample, fixed_captions
+from hypersd.shapes.dataset import (
+    FINAL_CAPTION_SET,
+    ShapesDataset,
+    ShapesSample,
+    fixed_captions,
+)
 from hypersd.shapes.render import Placement, Rendered, place_objects, render
 
 __all__ = [
+    "FINAL_CAPTION_SET",
     "Placement",
     "Rendered",
     "Scene",

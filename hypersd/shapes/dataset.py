@@ -48,7 +48,19 @@ class ShapesDataset:
         return (self[i] for i in range(self.length))
 
 
+# The caption set of the final numbers: ``fixed_captions(count, seed=FINAL_CAPTION_SET)``.
+# Set 0 (the default seed) is the tables' and has guided choices; sets 1 and 2 have been used
+# to choose between training runs. Set 3 is read by no training or selection step: use it
+# only for numbers reported after every choice is made (``hypersd-train evaluate
+# --caption-set 3``, the geometric judge's table in ``hypersd-train table``).
+FINAL_CAPTION_SET = 3
+
+
 def fixed_captions(count: int = 500, seed: int = 20261126) -> list[str]:
-    """The fixed evaluation captions: half one-object, half two-object scenes."""
+    """The fixed evaluation captions: half one-object, half two-object scenes.
+
+    ``seed`` picks the set: the default is the tables' set; small numbers are other fixed
+    sets (see ``FINAL_CAPTION_SET`` for the one kept for final numbers).
+    """
     rng = random.Random(f"eval-captions:{seed}")
     return [sample_scene(rng, "one" if i % 2 == 0 else "two").caption() for i in range(count)]
