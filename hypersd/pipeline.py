@@ -2,9 +2,10 @@
 
 `load` builds the diffusers pipeline a spec describes (SD1.5 or SDXL; base weights from a local
 folder, a single file or the local Hugging Face cache; optional UNet override; fused LoRAs; the
-recipe's scheduler), moves it to the device and warms it up. `Generator.generate` runs a whole
-batch of requests as one pipeline call, each request with its own prompt, negative prompt and
-seed, after validating the shared sampling values against the spec and its recipe.
+recipe's scheduler), moves it to the device, swaps in the spec's backend (`hypersd.backends`) and
+warms it up. `Generator.generate` runs a whole batch of requests as one pipeline call, each
+request with its own prompt, negative prompt and seed, after validating the shared sampling values
+against the spec and its recipe.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import diffusers
@@ -26,6 +28,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from hypersd.backends import BackendResult, install_backend
 from hypersd.lora import SDPipeline, fuse_loras
 from hypersd.recipes import Recipe, Sampling
 from hypersd.registry import ModelSpec
@@ -73,11 +76,16 @@ class Generator:
     Args:
         spec: The registry spec the pipeline was built from; it supplies defaults and limits.
         pipe: The diffusers pipeline, on its device, with the recipe's scheduler and fused LoRAs.
+        backend: What `install_backend` did: the backend in use (`backend.backend`, which is
+            `eager` after a fallback) and why the spec's one is not, if it is not.
     """
 
-    def __init__(self, spec: ModelSpec, pipe: SDPipeline) -> None:
+    def __init__(
+        self, spec: ModelSpec, pipe: SDPipeline, backend: BackendResult | None = None
+    ) -> None:
         self.spec = spec
         self.pipe = pipe
+        self.backend = backend or BackendResult("eager")
         self._lock = threading.Lock()
 
     def generate(
@@ -214,6 +222,7 @@ def load(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     warmup: bool = True,
+    cache_dir: Path | None = None,
 ) -> Generator:
     """Build the pipeline that `spec` describes and return it as a ready `Generator`.
 
@@ -223,15 +232,22 @@ def load(
     Args:
         spec: The registry spec.
         device: Torch device; defaults to "cuda" when available, else "cpu".
-        dtype: Weight dtype; defaults to float16 on CUDA and float32 elsewhere.
+        dtype: Weight dtype; defaults to float16 on CUDA (float32 for the `onnxruntime` backend)
+            and float32 elsewhere.
         warmup: Run one 1-step image before returning.
+        cache_dir: The artefact cache of compiled backends; default
+            `hypersd.backends.cache.cache_dir()` ($HYPERSD_ENGINE_CACHE or ~/.cache/hypersd).
 
     Raises:
         FileNotFoundError: if a weights file or folder named by the spec is missing.
+        Exception: when the spec's backend fails and the spec is `strict` (else it falls back to
+            eager, see `Generator.backend`).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
-        dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        # ONNX exports are float32 (ONNX Runtime's CUDA provider runs them as they are).
+        half = torch.device(device).type == "cuda" and spec.backend != "onnxruntime"
+        dtype = torch.float16 if half else torch.float32
 
     pipe = load_pipeline(spec, dtype)
     pipe.scheduler = build_scheduler(spec.recipe_info, pipe.scheduler.config)
@@ -239,7 +255,11 @@ def load(
     pipe.to(device)
     fuse_loras(pipe, spec.loras)
     generator = Generator(spec, pipe)
-    if warmup:
+    # A compiled backend's warm-up is its first call, which may fail (and then fall back).
+    generator.backend = install_backend(
+        pipe, spec, cache_dir, check=generator.warmup if warmup else None
+    )
+    if warmup and generator.backend.backend == "eager":
         generator.warmup()
     return generator
 

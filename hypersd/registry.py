@@ -36,7 +36,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -51,9 +51,10 @@ from pydantic import (
 from hypersd.recipes import RECIPES, Recipe, Sampling, format_steps, get_recipe
 
 Family = Literal["sd15", "sdxl"]
-# The backends `hypersd.pipeline.load` can run; compiled ones (torch.compile, ONNX Runtime,
-# TensorRT) join this list when they exist.
-Backend = Literal["eager"]
+# The backends `hypersd.pipeline.load` can run (`hypersd.backends`); TensorRT joins this list when
+# it exists.
+Backend = Literal["eager", "onnxruntime", "compile"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 LoraFormat = Literal["auto", "diffusers", "kohya"]
 Size = tuple[int, int]
 
@@ -67,7 +68,18 @@ HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # Families' native sizes, used when an entry lists none.
 _FAMILY_SIZES: dict[str, Size] = {"sd15": (512, 512), "sdxl": (1024, 1024)}
 # What `extends` copies from the parent entry: the base model, not how it is sampled.
-_INHERITED = ("family", "path", "single_file", "hub_id", "unet", "sizes", "default_size", "backend")
+_INHERITED = (
+    "family",
+    "path",
+    "single_file",
+    "hub_id",
+    "unet",
+    "sizes",
+    "default_size",
+    "backend",
+    "static_shapes",
+    "strict",
+)
 _SOURCES = ("path", "single_file", "hub_id")
 
 
@@ -190,7 +202,13 @@ class ModelSpec(BaseModel):
         sizes: Allowed output sizes as "WxH" strings or [width, height] pairs; defaults to the
             family's native size.
         default_size: Size when a request names none; defaults to the first of `sizes`.
-        backend: `eager` (plain diffusers), the only one so far.
+        backend: What runs the text encoder(s), UNet and VAE decoder (`hypersd.backends`):
+            `eager` (plain diffusers), `onnxruntime` (ONNX exports with the LoRAs fused, built
+            once into the artefact cache) or `compile` (torch.compile).
+        static_shapes: `compile` only: compile for the shapes seen, with CUDA graphs on CUDA,
+            instead of dynamic shapes.
+        strict: Fail the load when the backend cannot be built or loaded, instead of falling
+            back to eager with a warning.
         description: One line for people choosing a model.
     """
 
@@ -210,6 +228,8 @@ class ModelSpec(BaseModel):
     sizes: tuple[Size, ...]
     default_size: Size
     backend: Backend = "eager"
+    static_shapes: bool = False
+    strict: bool = False
     description: str = ""
 
     _resolve = field_validator("path", "single_file", "unet", mode="before")(_resolve_path)

@@ -46,7 +46,8 @@ def registry_error(tmp_path: Path, entry: str) -> str:
 
 def test_the_shipped_default_is_a_distilled_model_on_the_shapes_base_weights() -> None:
     """A request naming no model gets a distilled model (LoRAs on the teacher, no CFG, a few
-    steps); which one is the registry's `default` line (README: "The table, measured")."""
+    steps); which one is the registry's `default` line (docs/distillation.md, "The table,
+    measured")."""
     registry = load_registry()
     spec = registry.get()
     assert spec.name == registry.default != "shapes-base"
@@ -77,7 +78,7 @@ def test_the_shipped_registry_serves_the_shapes_base_teacher_by_name() -> None:
     assert spec.default_steps == 25
     assert spec.sizes == ((64, 64),)
     assert spec.default_size == (64, 64)
-    assert spec.guidance_scale == 2.0  # measured best for this model (README)
+    assert spec.guidance_scale == 2.0  # measured best for this model (docs/base-model.md)
     assert spec.backend == "eager"
     assert spec.loras == ()
 
@@ -256,8 +257,8 @@ def test_unknown_and_path_like_model_names(tmp_path: Path) -> None:
         ),
         (
             # a backend that `load` cannot run yet is refused with the registry, not at load time
-            '[models.x]\nfamily = "sd15"\npath = "x"\nrecipe = "teacher"\nbackend = "compile"',
-            "models.x.backend\n  Input should be 'eager'",
+            '[models.x]\nfamily = "sd15"\npath = "x"\nrecipe = "teacher"\nbackend = "tensorrt"',
+            "models.x.backend\n  Input should be 'eager', 'onnxruntime' or 'compile'",
         ),
         (
             '[models.x]\nfamily = "sd15"\npath = "x"\nrecipe = "teacher"\nlora = "a.safetensors"',

@@ -111,7 +111,8 @@ class JobRunner:
         return WorkerInfo(
             id=self.worker_id,
             model=self.spec.name,
-            backend=self.spec.backend,
+            # The backend in use, which after a fallback is eager whatever the registry says.
+            backend=self.generator.backend.backend,
             capacity=self.slots,
             busy=self._busy,
             last_beat=time.time(),
@@ -225,7 +226,17 @@ def load_runner(
     generator = load(spec, device=device, warmup=True)
     seconds = time.perf_counter() - started
     metrics.MODEL_LOAD.labels(spec.name).set(seconds)
-    log.info("model %s loaded and warmed up in %.1f s (pid %d)", spec.name, seconds, os.getpid())
+    backend = generator.backend.backend
+    metrics.BACKEND.labels(spec.name, backend).set(1)
+    if backend != spec.backend:
+        metrics.BACKEND_FALLBACKS.labels(spec.name, spec.backend).inc()
+    log.info(
+        "model %s loaded and warmed up in %.1f s on backend %s (pid %d)",
+        spec.name,
+        seconds,
+        backend,
+        os.getpid(),
+    )
     return JobRunner(
         generator,
         store,

@@ -1,0 +1,165 @@
+"""Backends: what runs a loaded pipeline's text encoder(s), UNet and VAE decoder.
+
+A backend swaps compiled versions of those modules into the diffusers pipeline that
+`hypersd.pipeline.load` built (LoRAs fused, the recipe's scheduler set), so recipes, schedulers,
+per-request seeds and the micro-batcher stay exactly as they are with `eager`.
+
+- `eager`: the torch modules as loaded.
+- `onnxruntime`: ONNX exports run by ONNX Runtime (`hypersd.backends.ort`), built once per key
+  into the artefact cache (`hypersd.backends.cache`) and loaded from it afterwards.
+- `compile`: `torch.compile` (`hypersd.backends.compiled`); Inductor caches its own kernels.
+
+`install_backend` returns the backend actually in use: when a compiled one fails to build, load
+or run its first call, the pipeline's own modules are put back (with a logged warning), unless
+the registry entry says `strict = true`, in which case the error is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import diffusers
+import torch
+
+# `ort` imports onnxruntime only when it runs, so this package loads where it is not installed.
+from hypersd.backends import cache, compiled, onnx_export, ort
+from hypersd.backends.onnx_export import Parity
+from hypersd.lora import SDPipeline
+from hypersd.registry import BACKENDS, ModelSpec
+
+log = logging.getLogger(__name__)
+
+# The backends that build an artefact (`build_artefact`, `hypersd build-engine`).
+ARTEFACT_BACKENDS = ("onnxruntime",)
+# The pipeline attributes a backend may replace, restored when it fails.
+_SWAPPED = ("text_encoder", "text_encoder_2", "unet", "vae")
+
+
+@dataclass
+class BackendResult:
+    """What `install_backend` did.
+
+    Args:
+        backend: The backend in use now (`eager` after a fallback).
+        artefact: The artefact folder loaded, if any.
+        built: Whether this call built the artefact (else it came from the cache).
+        parity: Each exported component's error against eager, when this call built it.
+        error: Why the requested backend is not in use, after a fallback.
+    """
+
+    backend: str
+    artefact: Path | None = None
+    built: bool = False
+    parity: list[Parity] = field(default_factory=list)
+    error: str | None = None
+
+
+def onnxruntime_key(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> str:
+    """The artefact key of `spec` for the `onnxruntime` backend on `device` in `dtype`.
+
+    Args:
+        spec: The registry spec.
+        device: The pipeline's device.
+        dtype: The pipeline's weight dtype.
+    """
+    versions = {
+        "hypersd-export": f"{onnx_export.EXPORT_VERSION}, opset {onnx_export.OPSET}",
+        "onnxruntime": ort.version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+    }
+    return cache.artefact_key(
+        spec,
+        backend="onnxruntime",
+        precision=str(dtype).removeprefix("torch."),
+        device=device.type,
+        versions=versions,
+    )
+
+
+def build_artefact(
+    pipe: SDPipeline, spec: ModelSpec, cache_root: Path | None = None
+) -> BackendResult:
+    """Build (or find) the artefact of `spec`'s backend for `pipe`, without installing it.
+
+    Args:
+        pipe: The loaded pipeline (LoRAs fused), eager.
+        spec: Its registry spec; `spec.backend` names the backend.
+        cache_root: The cache folder; default `hypersd.backends.cache.cache_dir()`.
+
+    Raises:
+        ValueError: if the backend has no artefact (eager) or is unknown, listing the allowed ones.
+    """
+    if spec.backend not in ARTEFACT_BACKENDS:
+        raise ValueError(
+            f"backend {spec.backend!r} builds no artefact; backends with artefacts: "
+            f"{', '.join(ARTEFACT_BACKENDS)} (all backends: {', '.join(BACKENDS)})"
+        )
+    if pipe.dtype != torch.float32:
+        raise ValueError(f"the onnxruntime backend exports float32 weights, got {pipe.dtype}")
+    parity: list[Parity] = []
+
+    def build(folder: Path) -> None:
+        parity.extend(ort.build(pipe, folder))
+
+    key = onnxruntime_key(spec, pipe.device, pipe.dtype)
+    folder, built = cache.get_or_build(cache.cache_dir(cache_root), key, build)
+    return BackendResult("onnxruntime", artefact=folder, built=built, parity=parity)
+
+
+def install_backend(
+    pipe: SDPipeline,
+    spec: ModelSpec,
+    cache_root: Path | None = None,
+    check: Callable[[], object] | None = None,
+) -> BackendResult:
+    """Swap `spec.backend`'s compiled modules into `pipe`, building the artefact if needed.
+
+    Args:
+        pipe: The loaded pipeline (LoRAs fused, scheduler set), eager.
+        spec: Its registry spec: `backend`, `static_shapes` and `strict`.
+        cache_root: The artefact cache folder; default `hypersd.backends.cache.cache_dir()`.
+        check: A first call through the swapped modules (the warm-up), run here so that a
+            backend failing at its first call (torch.compile compiles then) falls back as well;
+            not run for `eager`.
+
+    Raises:
+        Exception: whatever failed, when `spec.strict` is set; otherwise a failure leaves `pipe`
+            eager and is reported in the result.
+    """
+    if spec.backend == "eager":
+        return BackendResult("eager")
+    originals = {name: getattr(pipe, name, None) for name in _SWAPPED}
+    decoder = pipe.vae.decoder
+    try:
+        if spec.backend == "compile":
+            compiled.install(pipe, spec.static_shapes)
+            result = BackendResult("compile")
+        else:
+            result = build_artefact(pipe, spec, cache_root)
+            assert result.artefact is not None
+            ort.install(pipe, result.artefact)
+        if check is not None:
+            check()
+    except Exception as error:
+        for name, module in originals.items():
+            if module is not None:
+                setattr(pipe, name, module)
+        pipe.vae.decoder = decoder
+        if spec.strict:
+            raise
+        log.warning(
+            "model %s: backend %s failed (%s: %s); running eager instead",
+            spec.name,
+            spec.backend,
+            type(error).__name__,
+            error,
+        )
+        return BackendResult("eager", error=f"{type(error).__name__}: {error}")
+    source = "" if result.artefact is None else f" from {result.artefact}"
+    state = "" if result.artefact is None else (" (built)" if result.built else " (cached)")
+    log.info("model %s: backend %s%s%s", spec.name, spec.backend, source, state)
+    return result

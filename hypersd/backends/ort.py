@@ -1,0 +1,255 @@
+"""The `onnxruntime` backend: ONNX Runtime sessions in place of the pipeline's torch modules.
+
+`build` exports the pipeline's text encoder(s), UNet and VAE decoder (LoRAs already fused) into an
+artefact folder and checks each export against eager on the same inputs; `install` opens the
+sessions and swaps them into the diffusers pipeline as modules with the same call signatures, so
+the pipeline's own code (scheduler, CFG, per-image generators, SDXL's added conditions) runs
+unchanged around them.
+
+The CPU execution provider always; the CUDA one where `onnxruntime-gpu` is installed and the
+pipeline is on CUDA. Tensors cross into ONNX Runtime as NumPy arrays, which on CUDA means a copy
+through the host per call: correct, not yet fast there.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.clip.modeling_clip import CLIPTextModelOutput
+
+from hypersd.backends import onnx_export
+from hypersd.backends.onnx_export import Parity
+from hypersd.lora import SDPipeline
+
+log = logging.getLogger(__name__)
+
+
+def version() -> str:
+    """ONNX Runtime's version: part of the artefact key (another runtime may optimise otherwise)."""
+    import onnxruntime
+
+    return str(onnxruntime.__version__)
+
+
+def providers(device: torch.device) -> list[str]:
+    """The execution providers for `device`: CUDA first where it is installed and wanted.
+
+    Args:
+        device: The pipeline's device.
+    """
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if device.type == "cuda" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class Session:
+    """One ONNX Runtime inference session, called with and returning torch tensors.
+
+    Args:
+        path: The `.onnx` file.
+        device: Where the returned tensors go (the pipeline's device).
+        threads: Intra-op threads; `None` for torch's current setting, so that a worker's
+            `--threads` holds for both runtimes.
+    """
+
+    def __init__(self, path: Path, device: torch.device, threads: int | None = None) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = onnxruntime.InferenceSession(
+            str(path), sess_options=options, providers=providers(device)
+        )
+        self.device = device
+        self.input_names = [node.name for node in self.session.get_inputs()]
+
+    def run_numpy(self, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
+        """Run on `inputs` (by name) and return the outputs as NumPy arrays."""
+        feed = {name: inputs[name].detach().cpu().numpy() for name in self.input_names}
+        return list(self.session.run(None, feed))
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Run on `inputs` (by name) and return the outputs as tensors on `device`."""
+        return [torch.from_numpy(array).to(self.device) for array in self.run_numpy(inputs)]
+
+
+class _SessionModule(torch.nn.Module):
+    """Base of the swapped-in components: a module without parameters that runs a session.
+
+    diffusers reads `device` and `dtype` off every component, and the phase timer hooks the text
+    encoders' forward, so these stay `torch.nn.Module`s.
+    """
+
+    def __init__(self, session: Session, config: Any) -> None:
+        super().__init__()
+        self.session = session
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return self.session.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+
+class OrtTextEncoder(_SessionModule):
+    """A CLIP text encoder (`CLIPTextModel` or `CLIPTextModelWithProjection`) run by a session.
+
+    Args:
+        session: The session of the exported encoder.
+        config: The torch encoder's config (the pipelines read `projection_dim` from it).
+        projected: Whether it is SDXL's second encoder (its first output is the pooled projection).
+    """
+
+    def __init__(self, session: Session, config: Any, projected: bool) -> None:
+        super().__init__(session, config)
+        self.projected = projected
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **unused: Any,
+    ) -> BaseModelOutputWithPooling | CLIPTextModelOutput:
+        if attention_mask is not None:
+            raise ValueError("the exported text encoder takes no attention mask (CLIP uses none)")
+        outputs = self.session({"input_ids": input_ids.to(torch.int64)})
+        # Only the penultimate and last hidden states are exported: what the SD1.5 and SDXL
+        # pipelines read without `clip_skip` (which no recipe uses).
+        last, penultimate = outputs[-2], outputs[-1]
+        if self.projected:
+            return CLIPTextModelOutput(
+                text_embeds=outputs[0], last_hidden_state=last, hidden_states=(penultimate, last)
+            )
+        return BaseModelOutputWithPooling(last_hidden_state=last, hidden_states=(penultimate, last))
+
+
+class OrtUNet(_SessionModule):
+    """A `UNet2DConditionModel` run by a session.
+
+    Args:
+        session: The session of the exported UNet.
+        unet: The torch UNet: its config, and for SDXL its `add_embedding` (a few linear layers),
+            which the SDXL pipeline reads to check its added time ids.
+    """
+
+    def __init__(self, session: Session, unet: torch.nn.Module) -> None:
+        super().__init__(session, unet.config)
+        self.sdxl = "text_embeds" in session.input_names
+        if self.sdxl:
+            self.add_embedding = unet.add_embedding
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float,
+        encoder_hidden_states: torch.Tensor,
+        timestep_cond: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        return_dict: bool = False,
+    ) -> tuple[torch.Tensor]:
+        if timestep_cond is not None or cross_attention_kwargs:
+            raise ValueError(
+                "the exported UNet takes no timestep_cond or cross_attention_kwargs "
+                "(guidance-embedded UNets and unfused LoRA scales are not exported)"
+            )
+        batch = sample.shape[0]
+        # The pipelines pass one timestep for the whole batch; the graph takes one per sample.
+        timesteps = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1).expand(batch)
+        inputs = {
+            "sample": sample.float(),
+            "timestep": timesteps,
+            "encoder_hidden_states": encoder_hidden_states.float(),
+        }
+        if self.sdxl:
+            assert added_cond_kwargs is not None, "the SDXL pipeline always passes added conditions"
+            inputs["text_embeds"] = added_cond_kwargs["text_embeds"].float()
+            inputs["time_ids"] = added_cond_kwargs["time_ids"].float()
+        return (self.session(inputs)[0],)
+
+
+class OrtVaeDecoder(_SessionModule):
+    """An `AutoencoderKL`'s `decode` run by a session (the pipelines never encode).
+
+    Args:
+        session: The session of the exported decoder.
+        config: The torch VAE's config (scaling factor, latent statistics).
+    """
+
+    def decode(
+        self, latent: torch.Tensor, return_dict: bool = False, generator: Any = None
+    ) -> tuple[torch.Tensor]:
+        return (self.session({"latent": latent.float()})[0],)
+
+
+def build(pipe: SDPipeline, folder: Path) -> list[Parity]:
+    """Export `pipe`'s components into `folder` and check each against eager.
+
+    Args:
+        pipe: The loaded pipeline (LoRAs fused), in float32.
+        folder: An empty folder for the `.onnx` files.
+
+    Returns:
+        Each component's parity with eager on its example inputs (at another batch size than
+        the one traced, so that the dynamic batch axis is checked too).
+    """
+    report = []
+    for traced in onnx_export.components(pipe, batch_size=2):
+        path = folder / f"{traced.name}.onnx"
+        onnx_export.export_onnx(traced, path)
+        check = onnx_export.components(pipe, batch_size=3)
+        component = next(part for part in check if part.name == traced.name)
+        session = Session(path, torch.device("cpu"))
+        parity = onnx_export.compare(
+            traced.name,
+            onnx_export.eager_outputs(component, component.inputs),
+            session.run_numpy(component.inputs),
+        )
+        log.info("exported %s", parity)
+        report.append(parity)
+    return report
+
+
+def install(pipe: SDPipeline, folder: Path) -> None:
+    """Open the sessions of `folder` and swap them into `pipe` in place of its torch modules.
+
+    All sessions open before anything is swapped, so a failure leaves `pipe` as it was.
+
+    Args:
+        pipe: The loaded pipeline whose export `folder` holds.
+        folder: The artefact folder `build` wrote.
+    """
+    device = pipe.device
+    swaps: dict[str, torch.nn.Module] = {
+        "text_encoder": OrtTextEncoder(
+            Session(folder / f"{onnx_export.TEXT_ENCODER}.onnx", device),
+            pipe.text_encoder.config,
+            projected=False,
+        ),
+        "unet": OrtUNet(Session(folder / f"{onnx_export.UNET}.onnx", device), pipe.unet),
+        "vae": OrtVaeDecoder(
+            Session(folder / f"{onnx_export.VAE_DECODER}.onnx", device), pipe.vae.config
+        ),
+    }
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        swaps["text_encoder_2"] = OrtTextEncoder(
+            Session(folder / f"{onnx_export.TEXT_ENCODER_2}.onnx", device),
+            pipe.text_encoder_2.config,
+            projected=True,
+        )
+    for name, module in swaps.items():
+        setattr(pipe, name, module)
