@@ -12,11 +12,13 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_IMAGES = 8
-# Image k of a job uses seed + k, so the first seed leaves room below 2**64 (the pipeline's limit).
-MAX_SEED = 2**63 - 1
+# Seeds are 0..2**53 - 1, the integers a JavaScript number (and any JSON parser using doubles)
+# holds exactly, so a client can send back any seed it was given. Image k of a job uses seed + k,
+# so a request's seed + n - 1 must be in the range too.
+MAX_SEED = 2**53 - 1
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 ResponseFormat = Literal["url", "b64_json"]
@@ -42,7 +44,8 @@ class JobStatus(StrEnum):
 class GenerateRequest(BaseModel):
     """The body of `POST /v1/generations`. Unset sampling values take the model's defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: `"n": true` or `"steps": 2.0` are refused rather than read as 1 and 2
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=1000)
     negative_prompt: str | None = Field(default=None, max_length=1000)
@@ -51,11 +54,27 @@ class GenerateRequest(BaseModel):
     width: int | None = Field(default=None, ge=8, le=4096)
     height: int | None = Field(default=None, ge=8, le=4096)
     n: int = Field(default=1, ge=1, le=MAX_IMAGES)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="default: random")
-    guidance_scale: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
-    eta: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="image k uses seed + k; seed + n - 1 must not pass 2^53 - 1; default: random",
+    )
+    # floats stay lax: JSON has one number type, and `"guidance_scale": 1` means 1.0
+    guidance_scale: float | None = Field(
+        default=None, ge=0, le=100, allow_inf_nan=False, strict=False
+    )
+    eta: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False, strict=False)
     output_format: OutputFormat = "png"
     response_format: ResponseFormat = "url"
+
+    @field_validator("seed")
+    @classmethod
+    def _last_seed_in_range(cls, seed: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)  # `n` is checked first (declared before `seed`)
+        if seed is not None and seed + n - 1 > MAX_SEED:
+            raise ValueError(f"seed + n - 1 must be at most {MAX_SEED} (2^53 - 1)")
+        return seed
 
     def fingerprint(self) -> str:
         """A digest of the body as sent, for `Idempotency-Key`: equal bodies, equal digests."""
@@ -64,12 +83,20 @@ class GenerateRequest(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    """What went wrong; `field` and `allowed` are set when one request value was refused."""
+    """What went wrong; `field` and `allowed` are set when one request value was refused.
+
+    `param` and `code` are OpenAI's names, set on the OpenAI-compatible route (where `param` is
+    `field`), so its client's `error.param` and `error.code` read them; `job_id` names the job an
+    error is about when the request made one (e.g. a synchronous request that timed out).
+    """
 
     type: str
     message: str
     field: str | None = None
     allowed: list[str] | None = None
+    param: str | None = None
+    code: str | None = None
+    job_id: str | None = None
 
 
 class ErrorBody(BaseModel):
@@ -114,6 +141,16 @@ class Job(BaseModel):
     images: list[JobImage] = Field(default_factory=list)
     error: ErrorDetail | None = None
     links: dict[str, str]
+
+
+class JobList(BaseModel):
+    """What `GET /v1/generations` answers: a page of the caller's jobs, newest first (OpenAI's
+    list shape). Jobs are listed without their images: read a job for them."""
+
+    object: Literal["list"] = "list"
+    data: list[Job]
+    has_more: bool
+    last_id: str | None = Field(default=None, description="the next page's `after`")
 
 
 def timestamp(seconds: float | None) -> datetime | None:

@@ -10,7 +10,9 @@ message is harmless: only a queued job can be started.
 A worker can also die after taking a job's message and before marking the job running; that job
 names no worker, so the reaper finds it from the other side: a message taken a heartbeat lifetime
 ago (a live worker marks its job running within milliseconds) whose job is still queued goes back
-to the head of its queue.
+to the head of its queue. And a message can be lost outright (between Redis handing it out and
+kombu recording it unacked, around a Redis restart): a job queued a heartbeat lifetime ago with no
+message anywhere is published again.
 """
 
 from __future__ import annotations
@@ -61,6 +63,31 @@ def give_back_unstarted(store: JobStore, queue: CeleryQueue, grace_s: float) -> 
     return given_back
 
 
+def republish_lost(store: JobStore, queue: CeleryQueue, after_s: float) -> list[str]:
+    """Publish again the jobs queued `after_s` ago or more whose message is gone.
+
+    The job store is the source of truth: a message can be lost between Redis handing it to a
+    worker and kombu recording it as unacked (seen around a Redis restart), and then nothing
+    would ever run a job answered 202. A job with a message (waiting, or taken and not acked) is
+    left alone; a second message for a job that had one after all is harmless, since only a
+    queued job starts.
+    """
+    republished = []
+    present: dict[str, set[str]] = {}  # model -> jobs with a message, read once per model
+    for job_id in store.queued_before(after_s):
+        record = store.get(job_id)
+        if record is None or record.status != JobStatus.QUEUED:
+            continue
+        if record.model not in present:
+            present[record.model] = queue.message_job_ids(record.model)
+        if job_id not in present[record.model]:
+            log.warning("job %s has been queued with no message: published again", job_id)
+            queue.submit(record)
+            present[record.model].add(job_id)
+            republished.append(job_id)
+    return republished
+
+
 class Heartbeat:
     """A thread that beats every `interval_s` and, when given the Celery `queue`, reaps.
 
@@ -106,6 +133,7 @@ class Heartbeat:
                 if self.queue is not None:
                     reap(self.store, self.queue.submit)
                     give_back_unstarted(self.store, self.queue, self.lifetime_s)
+                    republish_lost(self.store, self.queue, self.lifetime_s)
             except Exception:  # a Redis hiccup must not end the heartbeat thread
                 log.exception("heartbeat failed")
 

@@ -103,6 +103,17 @@ class CeleryQueue:
             deliveries.append(Delivery(tag, args[0]))
         return deliveries
 
+    def message_job_ids(self, model: str) -> set[str]:
+        """The jobs that have a message: waiting in `model`'s queue, or taken and not acked."""
+        raws = [*self.redis.lrange(queue_name(model), 0, -1), *self.redis.hvals(_UNACKED)]
+        ids = set()
+        for raw in raws:
+            payload = json.loads(raw)
+            payload = payload[0] if isinstance(payload, list) else payload  # unacked: [msg, ...]
+            if payload.get("headers", {}).get("task") == TASK_NAME:
+                ids.add(json.loads(base64.b64decode(payload["body"]))[0][0])
+        return ids
+
     def give_back(self, delivery: Delivery, model: str) -> bool:
         """Put a taken message back at the head of its queue, as kombu does once the visibility
         timeout has passed; False if it was acked or given back meanwhile (by another reaper).

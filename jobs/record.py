@@ -52,6 +52,8 @@ class JobRecord(BaseModel):
     # between the write and the answer) recognises its own write instead of skipping the job
     claim: str | None = None
     attempts: int = 0
+    # the name of the API key that made the job (None: made with auth off); only it reads the job
+    owner: str | None = None
     error: ErrorDetail | None = None
     timings: dict[str, float] = Field(default_factory=dict)
 
@@ -104,7 +106,8 @@ def resolve_request(request: GenerateRequest, registry: Registry) -> JobRecord:
     except ValueError as error:
         field = _sampling_field(str(error))
         raise RequestError(field, str(error), _sampling_allowed(spec, field)) from None
-    seed = secrets.randbelow(MAX_SEED) if request.seed is None else request.seed
+    # a random first seed leaves room for the job's n seeds within 0..MAX_SEED
+    seed = secrets.randbelow(MAX_SEED - request.n + 2) if request.seed is None else request.seed
     return JobRecord(
         id=secrets.token_hex(12),
         model=spec.name,

@@ -8,8 +8,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ApiKey(BaseModel):
+    """A client's API key, by its SHA-256: the key itself is never configured, stored or logged.
+
+    `name` is who holds it: a job belongs to the name of the key that made it (so a key can be
+    rotated by giving the new one the same name), and idempotency keys are scoped by it.
+    """
+
+    name: str = Field(min_length=1, max_length=64)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key")
+    admin: bool = Field(default=False, description="may read and cancel any client's jobs")
 
 
 class Settings(BaseSettings):
@@ -21,15 +33,27 @@ class Settings(BaseSettings):
         description="Redis for the queue, jobs and images; none = embedded mode",
     )
     registry: Path | None = Field(default=None, description="registry TOML (default: shipped)")
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field(default="127.0.0.1", description="the address `hypersd serve` listens on")
+    port: int = Field(default=8000, description="the port `hypersd serve` listens on")
     model: str | None = Field(
-        default=None, description="the model a worker (or embedded mode) serves; default: default"
+        default=None,
+        description="the model a worker serves (`hypersd worker --model`); default: the "
+        "registry's default",
+    )
+    embedded_models: list[str] | None = Field(
+        default=None,
+        description="embedded mode: the models served in this process (JSON list; the "
+        "playground's compare view wants several); default: `HYPERSD_MODEL`",
+    )
+    default_model: str | None = Field(
+        default=None,
+        description="the model of a request naming none; default: the served model when the "
+        "deployment serves one, else the registry's default",
     )
     served_models: list[str] | None = Field(
         default=None,
-        description="the models this deployment runs workers for, checked by /readyz "
-        "(JSON list, e.g. '[\"shapes-hyper-1step\"]'); default: every registry model",
+        description="the models this deployment runs workers for: a request for another is "
+        "refused (JSON list, e.g. '[\"shapes-hyper-1step\"]'); default: every registry model",
     )
     slots: int = Field(default=8, ge=1, description="task slots (threads) per worker")
     max_batch_size: int = Field(default=8, ge=1, description="images per pipeline call; 1 = off")
@@ -41,7 +65,9 @@ class Settings(BaseSettings):
     visibility_timeout_s: int = Field(
         default=3600, description="Redis redelivers unacked messages after this; > any job"
     )
-    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    heartbeat_interval_s: float = Field(
+        default=2.0, gt=0, description="how often a worker beats; dead 3 beats after its last"
+    )
     heartbeat_file: Path | None = Field(default=None, description="touched on each beat")
     worker_metrics_port: int = Field(default=9101, description="the worker's /metrics; 0 = off")
     images_dir: Path | None = Field(
@@ -49,5 +75,54 @@ class Settings(BaseSettings):
     )
     max_prefer_wait_s: float = Field(default=60.0, description="cap of `Prefer: wait=N`")
     sync_timeout_s: float = Field(default=120.0, description="the synchronous route's limit")
-    device: str | None = None
-    torch_threads: int | None = None
+    public_url: str | None = Field(
+        default=None,
+        description="the gateway's public base URL (e.g. 'https://images.example.com') for image "
+        "URLs; default: relative URLs (never the request's Host header)",
+    )
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1, description="the largest request body; a larger one is a 413"
+    )
+    shutdown_grace_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="embedded mode: how long SIGTERM waits for the running jobs before failing "
+        "them (keep it below Kubernetes' terminationGracePeriodSeconds, 30 s by default)",
+    )
+    auth: bool | None = Field(
+        default=None,
+        description="require an API key (`Authorization: Bearer <key>`) on every route but "
+        "/healthz, /readyz and /metrics; default: on, except embedded mode on a loopback host",
+    )
+    api_keys: list[ApiKey] = Field(
+        default=[],  # pydantic copies it per instance
+        description='JSON list of {"name", "sha256", "admin"} (e.g. from a Kubernetes Secret); '
+        "`printf %s KEY | sha256sum` gives a key's hash",
+    )
+    rate_limit_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="job submissions per second per API key (a token bucket shared by gateway "
+        "replicas through Redis); default: no limit",
+    )
+    rate_limit_burst: int = Field(default=10, ge=1, description="the token bucket's size")
+    max_jobs_in_flight: int | None = Field(
+        default=None, ge=1, description="queued + running jobs per API key; default: no cap"
+    )
+    max_queue_depth: int | None = Field(
+        default=None, ge=1, description="jobs waiting in a model's queue; default: no cap"
+    )
+    device: str | None = Field(
+        default=None,
+        description="the worker's torch device (e.g. 'cuda:0'); default: cuda if any, else cpu",
+    )
+    torch_threads: int | None = Field(
+        default=None, description="torch's CPU threads in a worker; default: torch's choice"
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _distinct_hashes(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        if len({key.sha256 for key in keys}) != len(keys):
+            raise ValueError("two API keys have the same hash")
+        return keys

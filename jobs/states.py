@@ -5,7 +5,8 @@
     queued --start--> running --finish--> succeeded | failed
        |                 |  \\
        |                 |   `--requeue (its worker died)--> queued, or failed after MAX_ATTEMPTS
-       `-----cancel------+--> canceled
+       |-----cancel------+--> canceled
+       `----abandon------+--> failed (its server shuts down; embedded mode, which keeps no queue)
     succeeded --(images past their TTL, when read)--> expired
 
 Each transition is a `Change`: a function of the old record that returns the new one, or None to
@@ -101,6 +102,21 @@ def requeue(dead_worker: str) -> Change:
             )
         return record.model_copy(
             update={"status": JobStatus.QUEUED, "started_at": None, "worker": None}
+        )
+
+    return change
+
+
+def abandon(message: str) -> Change:
+    """queued or running -> failed with `message` (type `shutdown`); an ended job stays. A worker
+    finishing the job later finds it failed and leaves it so (`finish` needs it running)."""
+
+    def change(record: JobRecord) -> JobRecord | None:
+        if record.status.terminal:
+            return None
+        error = ErrorDetail(type="shutdown", message=message)
+        return record.model_copy(
+            update={"status": JobStatus.FAILED, "finished_at": time.time(), "error": error}
         )
 
     return change

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 _PREFIX = "hypersd"
 _FINISHED_CHANNEL = f"{_PREFIX}:finished"
+# Queued jobs by when they were queued: the reaper publishes again one whose message is gone.
+_QUEUED = f"{_PREFIX}:queued"
 
 # What a store call raises while Redis is down or restarting (LOADING is a ConnectionError too):
 # the gateway answers 503 and a worker holds a finished job's result until Redis is back.
@@ -111,6 +113,21 @@ class JobStore(Protocol):
 
     def get(self, job_id: str) -> JobRecord | None: ...
 
+    def idempotent_job(self, key: str) -> str | None:
+        """The id of the job made under idempotency `key`, if any (a retry, not a new job)."""
+        ...
+
+    def list_jobs(
+        self, owner: str | None, limit: int, after: str | None = None
+    ) -> tuple[list[JobRecord], bool]:
+        """`owner`'s jobs, newest first: up to `limit` of them after the job `after` (a cursor
+        that stays right while new jobs come), and whether there are more.
+
+        Raises:
+            KeyError: `after` is not one of `owner`'s jobs (or has expired).
+        """
+        ...
+
     def update(self, job_id: str, change: Change) -> JobRecord | None:
         """Apply `change` atomically; it returns the new record, or None to leave it as is.
 
@@ -134,6 +151,10 @@ class JobStore(Protocol):
         """Ids of jobs that a worker has started (for the reaper)."""
         ...
 
+    def queued_before(self, seconds_ago: float) -> list[str]:
+        """Ids of jobs queued (created, or re-queued) at least `seconds_ago` (for the reaper)."""
+        ...
+
     def finished_counts(self) -> dict[tuple[str, str], int]:
         """Finished jobs by (model, status), for the gateway's metrics."""
         ...
@@ -150,6 +171,35 @@ class JobStore(Protocol):
 
     def ping(self) -> bool: ...
 
+    def jobs_in_flight(self, owner: str) -> int:
+        """How many of `owner`'s jobs are queued or running."""
+        ...
+
+    def take_token(self, bucket: str, rate_per_s: float, burst: int) -> float:
+        """Take a token from a token bucket (`burst` tokens, refilled at `rate_per_s`).
+
+        Returns 0 when one was taken, else the seconds until one will be there.
+        """
+        ...
+
+
+# The token bucket, atomic in Redis and timed by Redis' clock, so gateway replicas share one
+# bucket per key whatever their own clocks say. State: a hash {tokens, at}, expiring once full.
+_TAKE_TOKEN = """
+local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = redis.call('TIME')
+now = tonumber(now[1]) + tonumber(now[2]) / 1e6
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1]) or burst
+local at = tonumber(state[2]) or now
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
 
 class RedisJobStore:
     """Jobs as JSON strings (`hypersd:job:<id>`), images as bytes, both with the job TTL.
@@ -165,10 +215,33 @@ class RedisJobStore:
         self._listener: threading.Thread | None = None
         self._listener_lock = threading.Lock()
         self._closing = threading.Event()
+        self._take_token = client.register_script(_TAKE_TOKEN)
 
     @staticmethod
     def _job_key(job_id: str) -> str:
         return f"{_PREFIX}:job:{job_id}"
+
+    @staticmethod
+    def _live_key(owner: str) -> str:
+        """An owner's queued and running jobs, scored by creation time."""
+        return f"{_PREFIX}:live:{owner}"
+
+    @staticmethod
+    def _owned_key(owner: str | None) -> str:
+        """All of an owner's jobs (auth off: everyone's), scored by creation time."""
+        return f"{_PREFIX}:jobs:{owner or ''}"
+
+    def _index(self, record: JobRecord) -> None:
+        """A new job, in the queued jobs and its owner's indexes (all jobs; live jobs)."""
+        with self.redis.pipeline() as pipe:
+            pipe.zadd(_QUEUED, {record.id: record.created_at})
+            keys = [self._owned_key(record.owner)]
+            if record.owner is not None:
+                keys.append(self._live_key(record.owner))
+            for key in keys:
+                pipe.zadd(key, {record.id: record.created_at})
+                pipe.expire(key, 2 * self.ttl_s)
+            pipe.execute()
 
     def create(self, record: JobRecord, idempotency: tuple[str, str] | None = None) -> JobRecord:
         # The job outlives its images (kept for the TTL after they are made), so a client reads
@@ -177,10 +250,12 @@ class RedisJobStore:
         job_key = self._job_key(record.id)
         self.redis.set(job_key, record.model_dump_json(), ex=2 * self.ttl_s)
         if idempotency is None:
+            self._index(record)
             return record
         key, fingerprint = idempotency
         idem_key = f"{_PREFIX}:idem:{key}"
         if self.redis.set(idem_key, f"{fingerprint}:{record.id}", nx=True, ex=self.ttl_s):
+            self._index(record)
             return record
         self.redis.delete(job_key)
         known_fingerprint, _, job_id = _text(self.redis.get(idem_key) or b"").partition(":")
@@ -192,6 +267,28 @@ class RedisJobStore:
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.redis.get(self._job_key(job_id))
         return None if raw is None else JobRecord.model_validate_json(raw)
+
+    def idempotent_job(self, key: str) -> str | None:
+        known = self.redis.get(f"{_PREFIX}:idem:{key}")
+        return None if known is None else _text(known).partition(":")[2]
+
+    def list_jobs(
+        self, owner: str | None, limit: int, after: str | None = None
+    ) -> tuple[list[JobRecord], bool]:
+        index = self._owned_key(owner)
+        self.redis.zremrangebyscore(index, "-inf", time.time() - 2 * self.ttl_s)
+        start = 0
+        if after is not None:
+            rank = self.redis.zrevrank(index, after)
+            if not isinstance(rank, int):  # None: not in the index
+                raise KeyError(after)
+            start = rank + 1
+        # one more than asked for: whether there are more
+        members = self.redis.zrevrange(index, start, start + limit)
+        ids = [_text(member) for member in members if isinstance(member, bytes | str)]
+        raws = self.redis.mget([self._job_key(job_id) for job_id in ids[:limit]]) if ids else []
+        records = [JobRecord.model_validate_json(raw) for raw in raws if raw is not None]
+        return records, len(ids) > limit
 
     def update(self, job_id: str, change: Change) -> JobRecord | None:
         key = self._job_key(job_id)
@@ -211,9 +308,15 @@ class RedisJobStore:
                 pipe.sadd(f"{_PREFIX}:running", job_id)
             else:
                 pipe.srem(f"{_PREFIX}:running", job_id)
+            if new.status == JobStatus.QUEUED:  # re-queued: its wait starts again
+                pipe.zadd(_QUEUED, {job_id: time.time()})
+            else:
+                pipe.zrem(_QUEUED, job_id)
             if new.status.terminal:
                 pipe.hincrby(f"{_PREFIX}:finished", f"{new.model}\t{new.status}", 1)
                 pipe.publish(_FINISHED_CHANNEL, job_id)
+                if new.owner is not None:
+                    pipe.zrem(self._live_key(new.owner), job_id)
             result.append(new)
 
         self.redis.transaction(transaction, key)
@@ -266,6 +369,13 @@ class RedisJobStore:
     def running_jobs(self) -> list[str]:
         return sorted(_text(member) for member in self.redis.smembers(f"{_PREFIX}:running"))
 
+    def queued_before(self, seconds_ago: float) -> list[str]:
+        now = time.time()
+        # a job that expired while queued leaves the index with its key
+        self.redis.zremrangebyscore(_QUEUED, "-inf", now - 2 * self.ttl_s)
+        members = self.redis.zrangebyscore(_QUEUED, "-inf", now - seconds_ago)
+        return [_text(member) for member in members if isinstance(member, bytes | str)]
+
     def finished_counts(self) -> dict[tuple[str, str], int]:
         counts: dict[tuple[str, str], int] = {}
         for field, value in self.redis.hgetall(f"{_PREFIX}:finished").items():
@@ -305,6 +415,18 @@ class RedisJobStore:
         except redis.RedisError:
             return False
 
+    def jobs_in_flight(self, owner: str) -> int:
+        live = self._live_key(owner)
+        with self.redis.pipeline() as pipe:
+            # a job whose key expired without ending (lost for good) stops counting then
+            pipe.zremrangebyscore(live, "-inf", time.time() - 2 * self.ttl_s)
+            pipe.zcard(live)
+            return int(pipe.execute()[1])
+
+    def take_token(self, bucket: str, rate_per_s: float, burst: int) -> float:
+        key = f"{_PREFIX}:bucket:{bucket}"
+        return float(_text(self._take_token(keys=[key], args=[rate_per_s, burst])))
+
 
 class MemoryJobStore:
     """Embedded mode: jobs in a dict (one process), images in a local folder."""
@@ -319,6 +441,7 @@ class MemoryJobStore:
         self._finished: Counter[tuple[str, str]] = Counter()
         self._workers: dict[str, tuple[WorkerInfo, float]] = {}
         self._waiters = FinishWaiters()
+        self._buckets: dict[str, tuple[float, float]] = {}  # bucket -> (tokens, at)
 
     def _expire(self) -> None:
         """Drop jobs older than twice the TTL, as Redis does (called under the lock)."""
@@ -345,6 +468,27 @@ class MemoryJobStore:
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:
             return self._jobs.get(job_id)
+
+    def idempotent_job(self, key: str) -> str | None:
+        with self._lock:
+            known = self._idempotency.get(key)
+            return None if known is None else known[1]
+
+    def list_jobs(
+        self, owner: str | None, limit: int, after: str | None = None
+    ) -> tuple[list[JobRecord], bool]:
+        with self._lock:
+            self._expire()
+            owned = sorted(
+                (record for record in self._jobs.values() if record.owner == owner),
+                key=lambda record: record.created_at,
+                reverse=True,
+            )
+        ids = [record.id for record in owned]
+        if after is not None and after not in ids:
+            raise KeyError(after)
+        start = 0 if after is None else ids.index(after) + 1
+        return owned[start : start + limit], len(owned) > start + limit
 
     def update(self, job_id: str, change: Change) -> JobRecord | None:
         with self._lock:
@@ -375,6 +519,16 @@ class MemoryJobStore:
         with self._lock:
             return [j for j, record in self._jobs.items() if record.status == JobStatus.RUNNING]
 
+    def queued_before(self, seconds_ago: float) -> list[str]:
+        # in memory, only `created_at`: embedded mode's queue is in-process and loses nothing
+        cutoff = time.time() - seconds_ago
+        with self._lock:
+            return [
+                job_id
+                for job_id, record in self._jobs.items()
+                if record.status == JobStatus.QUEUED and record.created_at <= cutoff
+            ]
+
     def finished_counts(self) -> dict[tuple[str, str], int]:
         with self._lock:
             return dict(self._finished)
@@ -397,3 +551,24 @@ class MemoryJobStore:
 
     def ping(self) -> bool:
         return True
+
+    def jobs_in_flight(self, owner: str) -> int:
+        with self._lock:
+            return sum(
+                1
+                for record in self._jobs.values()
+                if record.owner == owner and not record.status.terminal
+            )
+
+    def take_token(self, bucket: str, rate_per_s: float, burst: int) -> float:
+        now = time.monotonic()
+        with self._lock:
+            tokens, at = self._buckets.get(bucket, (float(burst), now))
+            tokens = min(burst, tokens + (now - at) * rate_per_s)
+            wait = 0.0
+            if tokens >= 1:
+                tokens -= 1
+            else:
+                wait = (1 - tokens) / rate_per_s
+            self._buckets[bucket] = (tokens, now)
+            return wait

@@ -93,7 +93,13 @@ def serve(args: argparse.Namespace) -> int:
         from launcher.embedded import create_embedded_app
 
         app = create_embedded_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port)
+    # Open waits (`Prefer: wait`, the OpenAI route) must not hold the shutdown past the grace.
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+    )
     return 0
 
 
@@ -107,8 +113,37 @@ def worker(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    overrides = {"model": args.model, "registry": args.registry}
+    overrides = {
+        "model": args.model,
+        "registry": args.registry,
+        "device": args.device,
+        "worker_metrics_port": args.metrics_port,
+    }
     run_worker(Settings(**{key: value for key, value in overrides.items() if value is not None}))
+    return 0
+
+
+def build_engine(args: argparse.Namespace) -> int:
+    """Build a model's backend artefact into the cache (ahead of the workers, e.g. in an init
+    container), print each export's error against eager and the artefact's folder."""
+    registry = load_registry(args.registry)
+    spec = registry.get(args.model or registry.default)
+    backend = args.backend or spec.backend
+    _quiet_libraries()
+    import torch
+
+    from hypersd.backends import build_artefact
+    from hypersd.pipeline import load
+
+    # Exports are float32 on every device.
+    eager_spec = spec.model_copy(update={"backend": "eager"})
+    eager = load(eager_spec, device=args.device, dtype=torch.float32, warmup=False)
+    result = build_artefact(
+        eager.pipe, spec.model_copy(update={"backend": backend}), args.cache_dir
+    )
+    for parity in result.parity:
+        print(parity)
+    print(f"{result.artefact} ({'built' if result.built else 'already in the cache'})")
     return 0
 
 
@@ -144,7 +179,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     work = commands.add_parser("worker", help="a Celery worker for one model (needs REDIS_URL)")
     work.add_argument("--model", help="registry name (default: the registry's default model)")
+    work.add_argument(
+        "--device", help="e.g. cuda:1 for one worker per GPU (default: $HYPERSD_DEVICE or auto)"
+    )
+    work.add_argument(
+        "--metrics-port",
+        type=int,
+        help="this worker's /metrics port, one per worker on a host; 0 = off "
+        "(default: $HYPERSD_WORKER_METRICS_PORT or 9101)",
+    )
     work.set_defaults(handler=worker)
+
+    engine = commands.add_parser(
+        "build-engine", help="build a model's compiled-backend artefact into the cache"
+    )
+    engine.add_argument("--model", help="registry name (default: the registry's default model)")
+    engine.add_argument(
+        "--backend",
+        # hypersd.backends.ARTEFACT_BACKENDS, not imported: the command line starts without torch
+        choices=["onnxruntime"],
+        help="the backend to build for (default: the model's registry backend)",
+    )
+    engine.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="artefact cache (default: $HYPERSD_ENGINE_CACHE or ~/.cache/hypersd/engines)",
+    )
+    engine.add_argument(
+        "--device", help="the device the workers run on: cpu or cuda (default: cuda when available)"
+    )
+    engine.set_defaults(handler=build_engine)
     return parser
 
 

@@ -21,9 +21,11 @@ from hypersd.registry import Registry, load_registry
 from jobs.queue import CeleryQueue, create_celery
 from jobs.settings import Settings
 from jobs.store import RedisJobStore
-from service import errors, generations, openai_compat, system
+from service import errors, generations, openai_compat, page, system
 from service.deps import Services
+from service.limits import BodyLimits
 from service.metrics import JobsCollector, RequestMetrics
+from service.request_id import RequestId
 
 ServicesFactory = Callable[[Settings, Registry], AbstractAsyncContextManager[Services]]
 
@@ -59,7 +61,11 @@ async def redis_services(settings: Settings, registry: Registry) -> AsyncIterato
         unknown = [name for name in served if name not in registry.names]
         if unknown:
             raise ValueError(f"HYPERSD_SERVED_MODELS names models not in the registry: {unknown}")
-        yield Services(settings, registry, store, queue, served=served)
+        if settings.default_model is not None and settings.default_model not in served:
+            raise ValueError(f"HYPERSD_DEFAULT_MODEL {settings.default_model!r} is not served")
+        yield Services(
+            settings, registry, store, queue, served=served, auth=settings.auth is not False
+        )
     finally:
         store.close()
         client.close()
@@ -91,8 +97,11 @@ def create_app(
         lifespan=lifespan,
     )
     errors.install(app)
+    app.add_middleware(BodyLimits, max_bytes=resolved.max_body_bytes)
     app.add_middleware(RequestMetrics)
+    app.add_middleware(RequestId)  # outermost: every answer of the app carries it
     for module in (generations, openai_compat, system):
         app.include_router(module.router)
+    page.install(app)
 
     return app

@@ -25,6 +25,7 @@ class Services:
 
     Args:
         served: The models this deployment's workers can serve (embedded mode: one).
+        auth: Whether requests need an API key (`service.auth`).
     """
 
     settings: Settings
@@ -32,6 +33,22 @@ class Services:
     store: JobStore
     queue: JobQueue
     served: list[str]
+    auth: bool = True
+
+    def __post_init__(self) -> None:
+        if self.auth and not self.settings.api_keys:
+            raise ValueError(
+                "auth is on but HYPERSD_API_KEYS names no key: configure keys (their SHA-256), "
+                "or turn auth off with HYPERSD_AUTH=false"
+            )
+
+    @property
+    def default_model(self) -> str | None:
+        """The model of a request naming none: the configured default, else the one model served
+        here (a deployment serving one model has no other to give), else None: the registry's."""
+        if self.settings.default_model is not None:
+            return self.settings.default_model
+        return self.served[0] if len(self.served) == 1 else None
 
 
 def _services(request: Request) -> Services:

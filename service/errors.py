@@ -1,4 +1,8 @@
-"""One JSON error model (`hypersd.contracts.ErrorBody`) for every 4xx/5xx answer."""
+"""One JSON error model (`hypersd.contracts.ErrorBody`) for every 4xx/5xx answer.
+
+On the OpenAI-compatible routes (`/v1/images/...`) errors take OpenAI's codes and names: a refused
+value is a 400 (the `openai` client's `BadRequestError`), not a 422, with `param` and `code` set.
+"""
 
 from __future__ import annotations
 
@@ -15,24 +19,66 @@ from jobs.store import STORE_DOWN
 
 log = logging.getLogger(__name__)
 
-_TYPES = {404: "not_found", 405: "method_not_allowed", 409: "conflict", 503: "unavailable"}
+_TYPES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    503: "unavailable",
+}
+_OPENAI_PREFIX = "/v1/images/"
+
+# What any route may answer: 500 (a bug), 503 (Redis is down, with Retry-After).
+COMMON = (500, 503)
+# What a JSON body may get: 400 (not JSON), 413 (too large), 415 (not declared JSON), 422 (a
+# value refused; 400 on the OpenAI route, which the spec lists anyway).
+BODY = (400, 413, 415, 422)
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, object]]:
+    """A route's `responses=` for these error answers, all in the one error model."""
+    return {code: {"model": ErrorBody} for code in codes}
 
 
 class ApiError(Exception):
     """An error answer: raise it from a route or a dependency."""
 
-    def __init__(self, status_code: int, type: str, message: str, **headers: str) -> None:
+    def __init__(
+        self,
+        status_code: int,
+        type: str,
+        message: str,
+        *,
+        job_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
-        self.detail = ErrorDetail(type=type, message=message)
-        self.headers = headers
+        self.detail = ErrorDetail(type=type, message=message, job_id=job_id)
+        self.headers = headers or {}
+
+
+def error_response(
+    status_code: int, detail: ErrorDetail, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The answer for `detail`, in the error model."""
+    body = ErrorBody(error=detail).model_dump(mode="json", exclude_none=True)
+    return JSONResponse(body, status_code=status_code, headers=headers)
 
 
 def _answer(
-    status_code: int, detail: ErrorDetail, headers: dict[str, str] | None = None
+    request: Request,
+    status_code: int,
+    detail: ErrorDetail,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = ErrorBody(error=detail).model_dump(mode="json", exclude_none=True)
-    return JSONResponse(body, status_code=status_code, headers=headers)
+    if request.url.path.startswith(_OPENAI_PREFIX):
+        detail = detail.model_copy(update={"param": detail.field, "code": detail.code})
+        if status_code == 422:
+            status_code = 400
+            detail.code = detail.code or "invalid_value"
+    return error_response(status_code, detail, headers)
 
 
 def _field(loc: tuple[int | str, ...]) -> str:
@@ -43,28 +89,39 @@ def _field(loc: tuple[int | str, ...]) -> str:
 
 async def _api_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, ApiError)
-    return _answer(error.status_code, error.detail, error.headers or None)
+    return _answer(request, error.status_code, error.detail, error.headers or None)
 
 
 async def _request_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestError)
-    return _answer(422, error.detail)
+    return _answer(request, 422, error.detail)
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     first = error.errors()[0]
+    if first.get("type") == "json_invalid":  # its `loc` ends with a byte offset, not a field
+        return _answer(request, 400, _INVALID_JSON)
     field = _field(tuple(first.get("loc", ())))
     detail = ErrorDetail(
         type="invalid_request", message=f"{field}: {first.get('msg', 'invalid')}", field=field
     )
-    return _answer(422, detail)
+    return _answer(request, 422, detail)
+
+
+# Malformed JSON, or bytes that are not text at all: syntax, so a 400 (a 422 is for a body that
+# parses but holds refused values).
+_INVALID_JSON = ErrorDetail(
+    type="invalid_json", message="the request body is not valid JSON", field="body"
+)
 
 
 async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
+    if error.status_code == 400:  # FastAPI's only 400: a body it could not decode
+        return _answer(request, 400, _INVALID_JSON)
     detail = ErrorDetail(type=_TYPES.get(error.status_code, "error"), message=str(error.detail))
-    return _answer(error.status_code, detail, dict(error.headers or {}) or None)
+    return _answer(request, error.status_code, detail, dict(error.headers or {}) or None)
 
 
 async def _store_down(request: Request, error: Exception) -> JSONResponse:
@@ -73,12 +130,14 @@ async def _store_down(request: Request, error: Exception) -> JSONResponse:
     detail = ErrorDetail(
         type="unavailable", message="the job store (Redis) is unavailable; retry shortly"
     )
-    return _answer(503, detail, {"Retry-After": "1"})
+    return _answer(request, 503, detail, {"Retry-After": "1"})
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
     log.exception("unhandled error on %s", request.url.path, exc_info=error)
-    return _answer(500, ErrorDetail(type="internal_error", message="internal server error"))
+    return _answer(
+        request, 500, ErrorDetail(type="internal_error", message="internal server error")
+    )
 
 
 def install(app: FastAPI) -> None:

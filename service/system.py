@@ -1,16 +1,18 @@
-"""The registry (`/v1/models`), probes (`/healthz`, `/readyz`) and `/metrics`."""
+"""The registry (`/v1/models`), the workers (`/v1/workers`, admin), probes (`/healthz`,
+`/readyz`) and `/metrics`; the probes and metrics need no API key (kubelet and Prometheus)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from hypersd.contracts import ErrorBody
 from hypersd.recipes import format_steps
 from hypersd.registry import format_size
-from service.deps import ServicesDep
-from service.errors import ApiError
+from jobs.store import WorkerInfo
+from service.auth import AdminDep, authenticate
+from service.deps import Services, ServicesDep
+from service.errors import COMMON, ApiError, errors
 
 router = APIRouter(tags=["system"])
 
@@ -24,7 +26,7 @@ class ModelInfo(BaseModel):
     description: str
     family: str
     recipe: str
-    backend: str
+    backend: str = Field(description="what live workers run (else what the registry asks for)")
     steps: str
     default_steps: int
     sizes: list[str]
@@ -41,34 +43,71 @@ class ModelList(BaseModel):
     data: list[ModelInfo]
 
 
-@router.get("/v1/models", response_model=ModelList)
+def _model_info(services: Services, name: str, workers: list[WorkerInfo]) -> ModelInfo:
+    spec = services.registry.get(name)
+    recipe = spec.recipe_info
+    serving = [worker for worker in workers if worker.model == name]
+    # What live workers run (a backend that failed to build falls back to eager), else what the
+    # registry asks for.
+    backends = sorted({worker.backend for worker in serving}) or [spec.backend]
+    return ModelInfo(
+        id=name,
+        description=spec.description,
+        family=spec.family,
+        recipe=spec.recipe,
+        backend=", ".join(backends),
+        steps=format_steps(spec.steps),
+        default_steps=spec.default_steps,
+        sizes=[format_size(size) for size in spec.sizes],
+        default_size=format_size(spec.default_size),
+        guidance_scale=spec.guidance_scale,
+        eta=recipe.eta,
+        negative_prompt=recipe.negative_prompt,
+        served=bool(serving),
+        workers=len(serving),
+    )
+
+
+_AUTHENTICATED = [Depends(authenticate)]
+
+
+@router.get(
+    "/v1/models",
+    response_model=ModelList,
+    responses=errors(401, *COMMON),
+    dependencies=_AUTHENTICATED,
+)
 def list_models(services: ServicesDep) -> ModelList:
     """The models this deployment knows (OpenAI's list shape, with sampling limits added)."""
     workers = services.store.workers()
-    data = []
-    for name in services.registry.names:
-        spec = services.registry.get(name)
-        recipe = spec.recipe_info
-        serving = sum(1 for worker in workers if worker.model == name)
-        data.append(
-            ModelInfo(
-                id=name,
-                description=spec.description,
-                family=spec.family,
-                recipe=spec.recipe,
-                backend=spec.backend,
-                steps=format_steps(spec.steps),
-                default_steps=spec.default_steps,
-                sizes=[format_size(size) for size in spec.sizes],
-                default_size=format_size(spec.default_size),
-                guidance_scale=spec.guidance_scale,
-                eta=recipe.eta,
-                negative_prompt=recipe.negative_prompt,
-                served=serving > 0,
-                workers=serving,
-            )
-        )
-    return ModelList(data=data)
+    return ModelList(
+        data=[_model_info(services, name, workers) for name in services.registry.names]
+    )
+
+
+@router.get(
+    "/v1/models/{model_id}",
+    response_model=ModelInfo,
+    responses=errors(401, 404, 422, *COMMON),
+    dependencies=_AUTHENTICATED,
+)
+def get_model(model_id: str, services: ServicesDep) -> ModelInfo:
+    """One model, as `GET /v1/models` lists it (OpenAI's `models.retrieve`)."""
+    if model_id not in services.registry.names:
+        shown = model_id if len(model_id) <= 64 else f"{model_id[:64]}..."
+        raise ApiError(404, "not_found", f"no model {shown!r}")
+    return _model_info(services, model_id, services.store.workers())
+
+
+class WorkerList(BaseModel):
+    object: str = "list"
+    data: list[WorkerInfo]
+
+
+@router.get("/v1/workers", response_model=WorkerList, responses=errors(401, 403, *COMMON))
+def list_workers(services: ServicesDep, admin: AdminDep) -> WorkerList:
+    """The live workers (from heartbeats): model, backend, task slots and how many are busy."""
+    return WorkerList(data=services.store.workers())
 
 
 @router.get("/healthz")
@@ -77,15 +116,16 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"model": ErrorBody}})
+@router.get("/readyz", responses=errors(*COMMON))
 def readyz(services: ServicesDep) -> dict[str, str]:
-    """Redis answers and every served model has a live worker (from heartbeats)."""
+    """Ready when what the gateway itself needs answers: the job store (Redis).
+
+    Not whether workers are up: with workers scaled to zero on their queue (KEDA), a gateway that
+    waited for them would get no traffic, so no queue, so no workers. Which models have live
+    workers is in `GET /v1/models` (`workers`) and the `hypersd_workers` metric.
+    """
     if not services.store.ping():
         raise ApiError(503, "unavailable", "the job store (Redis) does not answer")
-    live = {worker.model for worker in services.store.workers()}
-    missing = [name for name in services.served if name not in live]
-    if missing:
-        raise ApiError(503, "unavailable", f"no live worker for: {', '.join(missing)}")
     return {"status": "ready"}
 
 

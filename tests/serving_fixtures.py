@@ -106,6 +106,9 @@ def serving_env(**settings: str | int | float) -> dict[str, str]:
         "HYPERSD_HEARTBEAT_INTERVAL_S": "0.5",
         # the tests run workers for MODEL only (`served_models=` overrides)
         "HYPERSD_SERVED_MODELS": json.dumps([MODEL]),
+        # API keys are the auth tests' subject (`test_serving_auth.py`, `auth=true`); elsewhere
+        # the gateway runs with auth off, as configured here
+        "HYPERSD_AUTH": "false",
     }
     env |= {f"HYPERSD_{key.upper()}": str(value) for key, value in settings.items()}
     return env
@@ -135,13 +138,23 @@ def start_server(
     return Server(url, process)
 
 
-def wait_ready(server: Server, timeout_s: float = 90) -> None:
-    """Until `/readyz` says every model has a live worker."""
-    wait_until(
-        lambda: httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200,
-        timeout_s,
-        "a live worker",
-    )
+def live_workers(server: Server) -> dict[str, int]:
+    """Live workers per model, as `GET /v1/models` reports them (from heartbeats)."""
+    models = httpx.get(f"{server.url}/v1/models", timeout=1).json()["data"]
+    return {model["id"]: model["workers"] for model in models}
+
+
+def wait_ready(server: Server, models: Sequence[str] = (MODEL,), timeout_s: float = 90) -> None:
+    """Until the gateway is ready (`/readyz`: Redis answers) and each of `models` has a live
+    worker (`/v1/models`; readiness does not wait for workers, which may scale from zero)."""
+
+    def ready() -> bool:
+        if httpx.get(f"{server.url}/readyz", timeout=1).status_code != 200:
+            return False
+        workers = live_workers(server)
+        return all(workers.get(model, 0) > 0 for model in models)
+
+    wait_until(ready, timeout_s, f"a live worker for each of {list(models)}")
 
 
 @pytest.fixture(scope="session")

@@ -90,8 +90,10 @@ def test_the_openai_client_generates_images(stack: Stack) -> None:
         assert item.b64_json is not None
         with Image.open(io.BytesIO(base64.b64decode(item.b64_json))) as png:
             assert png.size == (64, 64)
-    with pytest.raises(openai.UnprocessableEntityError):
+    # OpenAI's shape: a refused value is a 400 naming it in `param`, with a `code`
+    with pytest.raises(openai.BadRequestError) as refused:
         client.images.generate(prompt=PROMPT, model=MODEL, size="512x512")
+    assert refused.value.param == "size" and refused.value.code == "invalid_value"
 
 
 def test_idempotency_key_same_body_same_job_other_body_409(client: httpx.Client) -> None:
@@ -175,23 +177,26 @@ def test_the_distilled_models_steps_are_checked_at_the_gateway(client: httpx.Cli
     assert "shapes-hyper-4step" in error["message"] and "allowed: 4" in error["message"]
 
 
-def test_a_request_naming_no_model_needs_a_worker_for_the_default(client: httpx.Client) -> None:
-    """No model means the registry's default, which this deployment runs no worker for: a 422
-    naming the served models at once, not a job that waits for a worker that never comes."""
-    default = load_registry(SHIPPED_REGISTRY).default
-    assert default != MODEL
-    response = client.post("/v1/generations", json={"prompt": PROMPT})
-    assert response.status_code == 422
-    error = response.json()["error"]
-    assert error["field"] == "model" and error["allowed"] == [MODEL]
-    assert repr(default) in error["message"]
+def test_a_request_naming_no_model_gets_the_one_model_served(client: httpx.Client) -> None:
+    """This deployment serves only MODEL (not the registry's default): a request naming no model
+    gets it, not a 422 for a default that has no worker (issue 11, defect 11)."""
+    assert load_registry(SHIPPED_REGISTRY).default != MODEL
+    response = client.post("/v1/generations", json={"prompt": PROMPT, "steps": 1})
+    assert response.status_code == 202, response.text
+    assert response.json()["model"] == MODEL
+    assert poll(client, response.json()["id"])["status"] == "succeeded"
 
 
-def test_malformed_json_is_422_not_500(client: httpx.Client) -> None:
+@pytest.mark.parametrize("content", [b"{not json", b'{"prompt":', b"\xff"])
+def test_malformed_json_is_400_naming_the_body(client: httpx.Client, content: bytes) -> None:
+    """Syntax, not a refused value: 400 naming `body` (was 422 naming a byte offset, or a 400
+    naming nothing for bytes that are not text)."""
     response = client.post(
-        "/v1/generations", content=b"{not json", headers={"content-type": "application/json"}
+        "/v1/generations", content=content, headers={"content-type": "application/json"}
     )
-    assert response.status_code == 422 and "error" in response.json()
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["field"] == "body" and error["type"] == "invalid_json"
 
 
 def test_unknown_job_is_404_in_the_error_model(client: httpx.Client) -> None:
@@ -203,7 +208,7 @@ def test_models_probes_and_metrics(client: httpx.Client) -> None:
     models = {model["id"]: model for model in client.get("/v1/models").json()["data"]}
     assert "shapes-base" in models and "shapes-hyper-1step" in models
     assert models["shapes-base"]["served"] and models["shapes-base"]["sizes"] == ["64x64"]
-    # only shapes-base has a worker here (HYPERSD_SERVED_MODELS), so /readyz needs only it
+    # only shapes-base has a worker here; /readyz needs only Redis
     assert not models["shapes-hyper-1step"]["served"]
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200

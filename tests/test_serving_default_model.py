@@ -45,7 +45,7 @@ def deployment(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     worker = start_worker(url, logs / "worker.log", model=None, slots=2)
     server = start_server(serving_env(redis_url=url, served_models=served), logs / "gateway.log")
     try:
-        wait_ready(server)
+        wait_ready(server, [DEFAULT.name])
         yield Deployment(server, worker)
     finally:
         worker.stop()

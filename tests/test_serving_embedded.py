@@ -30,6 +30,7 @@ DEFAULT = load_registry(SHIPPED_REGISTRY).get()  # the registry's default model
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp("embedded")
     env = serving_env(slots=4, max_wait_ms=50, images_dir=folder / "images")
+    del env["HYPERSD_AUTH"]  # as `make run` starts it: auth by default (off on loopback)
     server = start_server(env, folder / "server.log")
     yield server
     server.process.stop()
@@ -83,7 +84,9 @@ def test_the_openai_client_works_against_the_embedded_server(embedded: Server) -
     client = openai.OpenAI(base_url=f"{embedded.url}/v1", api_key="unused")
     result = client.images.generate(prompt=PROMPT, n=1)
     assert result.data is not None and result.data[0].url is not None
-    image = httpx.get(result.data[0].url)
+    # relative (no HYPERSD_PUBLIC_URL here): never built from the request's Host header
+    assert result.data[0].url.startswith("/v1/generations/")
+    image = httpx.get(embedded.url + result.data[0].url)
     with Image.open(io.BytesIO(image.content)) as png:
         assert png.size == (64, 64)
 
@@ -131,7 +134,8 @@ def test_embedded_server_refuses_models_it_does_not_hold(embedded: Server) -> No
     assert error["field"] == "model" and error["allowed"] == [DEFAULT.name]
     openai_body = {"prompt": PROMPT, "model": MODEL}
     response = httpx.post(f"{embedded.url}/v1/images/generations", json=openai_body, timeout=30)
-    assert response.status_code == 422 and response.json()["error"]["field"] == "model"
+    # OpenAI's route answers OpenAI's 400 naming the field in `param`
+    assert response.status_code == 400 and response.json()["error"]["param"] == "model"
 
 
 def test_sigterm_stops_the_embedded_server_cleanly(embedded: Server) -> None:
@@ -139,3 +143,8 @@ def test_sigterm_stops_the_embedded_server_cleanly(embedded: Server) -> None:
     # uvicorn re-raises the signal once its graceful shutdown is done.
     assert embedded.process.popen.returncode in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in embedded.process.output()
+
+
+def test_embedded_mode_on_loopback_says_at_start_that_auth_is_off(embedded: Server) -> None:
+    """No keys needed on 127.0.0.1 (one user's own server), and the log says so."""
+    assert "auth is off: embedded mode on 127.0.0.1 (loopback)" in embedded.process.output()

@@ -37,6 +37,17 @@ def run_worker(settings: Settings) -> None:
     if not settings.redis_url:
         raise ValueError("hypersd worker needs REDIS_URL (without it, `hypersd serve` embeds one)")
     spec = load_registry(settings.registry).get(settings.model)
+    # The metrics port first: a port taken by another worker on this host fails at once, with one
+    # line, not after the model has loaded.
+    if settings.worker_metrics_port:
+        try:
+            start_http_server(settings.worker_metrics_port)
+        except OSError as error:
+            raise ValueError(
+                f"metrics port {settings.worker_metrics_port} is in use ({error.strerror}): give "
+                "each worker on this host its own (--metrics-port or HYPERSD_WORKER_METRICS_PORT; "
+                "0 turns metrics off)"
+            ) from None
     client = redis.Redis.from_url(settings.redis_url)
     store = RedisJobStore(client, settings.job_ttl_s)
     worker_id = f"{spec.name}@{socket.gethostname()}.{os.getpid()}"
@@ -57,8 +68,6 @@ def run_worker(settings: Settings) -> None:
     def generate(job_id: str) -> None:
         runner.run_job(job_id)
 
-    if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port)
     heartbeat = Heartbeat(
         store,
         runner.info,
