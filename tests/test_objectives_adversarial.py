@@ -11,9 +11,11 @@ from training.objectives.adversarial import (
     TeacherFeatureDiscriminator,
     adversarial_inputs,
     adversarial_weight,
+    discriminator_gan_loss,
     discriminator_hinge_loss,
     discriminator_losses,
     generator_adversarial_losses,
+    generator_gan_loss,
     generator_hinge_loss,
     sample_adversarial_timesteps,
 )
@@ -104,3 +106,43 @@ def test_adversarial_times_stay_in_the_segment(k: int) -> None:
     )
     assert real.shape == fake.shape == (500, 4, 2, 2)
     assert bool((t_adv2 >= t_end.clamp(min=0)).all()) and bool((t_adv2 <= t_b + width).all())
+
+
+def test_non_saturating_losses_values_and_hinge_delegation() -> None:
+    real, fake = torch.tensor([0.0, 2.0]), torch.tensor([0.0, -1.0])
+    sp = torch.nn.functional.softplus
+    # BCE with real = 1, fake = 0: mean softplus(-D(real)) + mean softplus(D(fake))
+    expected = (sp(torch.tensor(0.0)) + sp(torch.tensor(-2.0))) / 2
+    expected = expected + (sp(torch.tensor(0.0)) + sp(torch.tensor(-1.0))) / 2
+    got = discriminator_gan_loss(real, fake, "non-saturating")
+    assert float(got) == pytest.approx(float(expected))
+    assert float(generator_gan_loss(fake, "non-saturating")) == pytest.approx(
+        float((sp(torch.tensor(0.0)) + sp(torch.tensor(1.0))) / 2)
+    )
+    # "hinge" is exactly the TSCD pair
+    assert float(discriminator_gan_loss(real, fake, "hinge")) == float(
+        discriminator_hinge_loss(real, fake)
+    )
+    assert float(generator_gan_loss([fake], "hinge")) == float(generator_hinge_loss([fake]))
+    # the non-saturating generator's gradient stays large where D rejects the fakes
+    rejected = torch.full((3,), -8.0, requires_grad=True)
+    generator_gan_loss(rejected, "non-saturating").backward()
+    assert rejected.grad is not None
+    torch.testing.assert_close(rejected.grad, torch.full((3,), -1 / 3), atol=1e-3, rtol=0)
+
+
+def test_heads_over_a_training_unet_leave_its_lora_trainable() -> None:
+    """``freeze=False`` (DMD2's heads over the fake score): the loss reaches its trainable
+    weights too; the default freezes the UNet (TSCD's teacher)."""
+    unet = tiny_unet(0)
+    unet.requires_grad_(False)
+    unet.conv_out.weight.requires_grad_(False)
+    trainable = unet.conv_in.weight.requires_grad_(True)  # stands in for a LoRA weight
+    discriminator = TeacherFeatureDiscriminator(unet, hidden_channels=8, freeze=False)
+    assert trainable.requires_grad
+    x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([10, 900]), torch.randn(2, 5, 32)
+    losses = discriminator_losses(discriminator, x, x + 1, t, cond, kind="non-saturating")
+    losses["loss"].backward()
+    assert trainable.grad is not None and bool(trainable.grad.abs().sum() > 0)
+    TeacherFeatureDiscriminator(unet, hidden_channels=8)
+    assert not trainable.requires_grad

@@ -1,14 +1,22 @@
-"""DMD2's distribution matching: the gradient's direction and scale, the fake score's loss."""
+"""DMD2's distribution matching: the gradient's direction and scale, the fake score's loss, and
+the GAN term over the fake score's features."""
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from test_objectives_solvers import AC, FixedX0Net, tiny_unet
 
-from training.objectives.dmd import dmd_losses, fake_score_losses
+from training.objectives.adversarial import TeacherFeatureDiscriminator
+from training.objectives.dmd import (
+    dmd_losses,
+    fake_score_losses,
+    gan_discriminator_losses,
+    gan_generator_losses,
+)
 
 torch.set_num_threads(1)
 
@@ -109,3 +117,55 @@ def test_fake_score_loss_is_zero_for_the_true_noise() -> None:
     oracle = FixedX0Net(x, AC)  # predicts exactly the ε that noised x
     losses = fake_score_losses(oracle, x, AC, torch.zeros(3, 5, 32), noise=noise, timesteps=t)
     assert float(losses["loss"]) < 1e-8
+
+
+def test_gan_terms_train_the_student_and_the_heads_on_their_own_sides() -> None:
+    """DMD2's GAN term: the generator loss reaches the student's output (through the fake score's
+    features); the discriminator loss reaches the heads and the fake score's trainable weights,
+    never the student's output; real and fake are scored at one t per sample."""
+    fake_score = tiny_unet(2)
+    fake_score.requires_grad_(False)
+    lora_like = fake_score.conv_in.weight.requires_grad_(True)
+    discriminator = TeacherFeatureDiscriminator(fake_score, hidden_channels=8, freeze=False)
+    x = torch.nn.Parameter(torch.randn(2, 4, 8, 8))
+    real, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    g = torch.Generator().manual_seed(0)
+
+    generator_side = gan_generator_losses(discriminator, x * 1.0, AC, cond, generator=g)
+    assert set(generator_side) == {"loss", "fake_logit"}
+    generator_side["loss"].backward()
+    assert x.grad is not None and bool(x.grad.abs().sum() > 0)
+
+    x.grad, lora_like.grad = None, None
+    for head in discriminator.heads.parameters():
+        head.grad = None
+    seen: list[torch.Tensor] = []
+    fake_score.register_forward_pre_hook(lambda m, args: seen.append(args[1].clone()))
+    t = torch.tensor([100, 700])
+    disc = gan_discriminator_losses(discriminator, x * 1.0, real, AC, cond, timesteps=t)
+    disc["loss"].backward()
+    assert set(disc) == {"loss", "real_logit", "fake_logit"}
+    assert x.grad is None
+    assert all(p.grad is not None for p in discriminator.heads.parameters())
+    assert lora_like.grad is not None
+    assert torch.equal(seen[0], torch.cat([t, t]))  # real, then fake, at the same t
+
+
+def test_gan_loss_kinds_and_timestep_range() -> None:
+    discriminator = TeacherFeatureDiscriminator(tiny_unet(1), hidden_channels=8)
+    x, real, cond = torch.randn(64, 4, 8, 8), torch.randn(64, 4, 8, 8), torch.randn(64, 5, 32)
+    seen: list[torch.Tensor] = []
+    discriminator.teacher.register_forward_pre_hook(lambda m, args: seen.append(args[1].clone()))
+    noise, t = torch.randn(2, 64, 4, 8, 8), torch.full((64,), 500)
+    with torch.no_grad():
+        hinge = gan_discriminator_losses(
+            discriminator, x, real, AC, cond, kind="hinge", noise=noise, timesteps=t
+        )
+        soft = gan_discriminator_losses(discriminator, x, real, AC, cond, noise=noise, timesteps=t)
+        gan_generator_losses(discriminator, x, AC, cond, generator=torch.Generator().manual_seed(0))
+    # fresh heads give logits near 0: hinge ~ 2, BCE ~ 2 log 2
+    assert float(hinge["loss"]) == pytest.approx(2.0, abs=0.3)
+    assert float(soft["loss"]) == pytest.approx(2 * math.log(2), abs=0.3)
+    assert float(hinge["real_logit"]) == float(soft["real_logit"])
+    drawn = seen[-1]
+    assert int(drawn.min()) >= 0 and int(drawn.max()) <= 999 and drawn.unique().numel() > 10

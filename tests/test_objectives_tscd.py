@@ -13,9 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_objectives_solvers import AC, FixedX0Net, tiny_unet
 
-from training.objectives.adversarial import TeacherFeatureDiscriminator
-from training.objectives.solvers import Distance, add_noise
+from training.objectives.adversarial import (
+    TeacherFeatureDiscriminator,
+    sample_adversarial_timesteps,
+)
+from training.objectives.solvers import Distance, add_noise, renoise
 from training.objectives.tscd import (
+    AdversarialReal,
     TSCDTimesteps,
     ema_update,
     sample_tscd_timesteps,
@@ -267,3 +271,59 @@ def test_discriminator_step_on_a_tscd_prediction_trains_the_heads_only() -> None
     assert set(losses) == {"loss", "real_logit", "fake_logit"}
     assert all(p.grad is not None for p in discriminator.heads.parameters())
     assert all(p.grad is None for p in [*student.parameters(), *teacher.parameters()])
+
+
+def test_edge_probability_trains_the_samplers_jump_more_often() -> None:
+    """p = 0 draws exactly today's timesteps; p = 1 puts every t_end at the segment's edge;
+    p = 0.5 at k = 1 makes x0 the target of about 0.5 + 0.5 · 0.107 of the samples."""
+
+    def draw(p: float, k: int = 1, n: int = 4000) -> TSCDTimesteps:
+        g = torch.Generator().manual_seed(3)
+        return sample_tscd_timesteps(n, k, 25, T, g, edge_probability=p)
+
+    today = sample_tscd_timesteps(4000, 1, 25, T, torch.Generator().manual_seed(3))
+    assert torch.equal(draw(0.0).t_end, today.t_end) and torch.equal(draw(0.0).t_n, today.t_n)
+    for k in (1, 2, 4):
+        every = draw(1.0, k)
+        assert torch.equal(every.t_end, every.t_b)
+    uniform_share = float((today.t_end == -1).float().mean())
+    assert uniform_share == pytest.approx(0.107, abs=0.02)  # H(40) / 40
+    half = draw(0.5)
+    assert float((half.t_end == -1).float().mean()) == pytest.approx(
+        0.5 + 0.5 * uniform_share, abs=0.03
+    )
+    assert torch.equal(half.t_n, today.t_n)  # only t_end changes
+    with pytest.raises(ValueError, match="edge_probability"):
+        draw(1.5)
+
+
+def test_teacher_trajectory_as_the_real_class() -> None:
+    """``real="teacher"``: the heads' real input is the consistency target x̂_{t_end} carried to
+    t_adv, not the data; with data it is q(x_{t_adv} | x0) as before."""
+    student, teacher = tiny_unet(0), tiny_unet(1)
+    discriminator = TeacherFeatureDiscriminator(teacher, hidden_channels=8)
+    latents, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    prediction = tscd_predict(
+        student, student, teacher, AC, latents, cond, k=1, skip=25,
+        timesteps=_fixed([999, 524], [499, 249], k=1, skip=25),
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    inputs: list[torch.Tensor] = []
+    teacher.register_forward_pre_hook(lambda m, args: inputs.append(args[0].clone()))
+
+    def real_input(real: AdversarialReal) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            tscd_discriminator_losses(
+                discriminator, prediction, latents, cond, AC, k=1, real=real, generator=g
+            )
+        return inputs[-1][:2]
+
+    g = torch.Generator().manual_seed(1)
+    t_adv = sample_adversarial_timesteps(
+        prediction.timesteps.t_end, prediction.timesteps.t_b, 1, T, g
+    )
+    noise = torch.randn((2, 2, 4, 8, 8), generator=g)[0]
+    torch.testing.assert_close(real_input("data"), add_noise(latents, noise, t_adv, AC))
+    expected = renoise(prediction.target_end, prediction.timesteps.t_end, t_adv, noise, AC)
+    torch.testing.assert_close(real_input("teacher"), expected)

@@ -346,3 +346,25 @@ def test_configs_load() -> None:
     for path in names:
         cfg = load_config(DistillConfig, path)
         assert cfg.stages and all(1000 // k % cfg.skip == 0 for k in cfg.stages)
+
+
+def test_tscd_edge_probability_and_teacher_real_class(tiny_models: Any, tmp_path: Path) -> None:
+    """``edge_probability=1``: every k = 1 sample targets x0 (t_end = -1); with
+    ``adversarial_real="teacher"`` the discriminator still steps and the stage exports."""
+    torch.set_num_threads(1)
+    cfg = tiny_config(
+        tiny_models.sd15,
+        tmp_path / "run",
+        stages=(1,),
+        edge_probability=1.0,
+        adversarial_real="teacher",
+    )
+    assert list(run(cfg, "tscd")) == [1]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1]
+    assert all(line["student/t_end"] == -1.0 for line in lines)
+    assert all("disc/loss" in line and line["student/adversarial"] != 0 for line in lines)
+    state = json.loads((tmp_path / "run" / "k1" / "checkpoint" / "state.json").read_text())
+    assert state["config"]["adversarial_real"] == "teacher"
+    with pytest.raises(ValueError, match="adversarial_real"):
+        load_config(DistillConfig, None, ["adversarial_real=render"])

@@ -3,13 +3,15 @@
 Two optimisation steps on tiny random SD1.5- and SDXL-architecture pipelines with the shipped
 Shapes reward networks: every loss term is computed, the exported LoRA loads in plain diffusers
 and through ``hypersd.lora``, DMD stacks on the feedback LoRA (fused), the registry entry lists
-both, and a stopped run resumes from its checkpoint.
+both, and a stopped run resumes from its checkpoint; DMD2's GAN term and the 2-step DMD student
+each run through the stage.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from hypersd.registry import LoraSpec, load_registry
 from training import cli
 from training.config import load_config
 from training.enhance import ONE_STEP_RECIPES, EnhanceConfig, fused_unet, run
+from training.enhance_loop import student_schedule
 from training.sampling import sample_x0
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,7 +243,7 @@ def test_shapes_base_model(tmp_path: Path) -> None:
 
 
 def test_configs_and_cli() -> None:
-    names = ("feedback-shapes", "dmd-shapes")
+    names = ("feedback-shapes", "dmd-shapes", "dmd2-shapes", "dmd-2step-shapes")
     names += tuple(
         f"{family}-{stage}" for family in ("sd15", "sdxl") for stage in ("feedback", "dmd")
     )
@@ -270,3 +273,89 @@ def test_prompts_file_for_real_models(
             tiny_config(tiny_models.sd15, tmp_path / "e", prompts=str(tmp_path / "empty.txt")),
             "dmd",
         )
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_dmd2_gan_term(tiny_models: Any, tmp_path: Path, family: str) -> None:
+    """``gan_weight`` > 0: heads over the fake score learn in the fake-score updates from the
+    renders, the student's loss has the GAN term, the heads are checkpointed and resume."""
+    torch.set_num_threads(1)
+    cfg = tiny_config(
+        getattr(tiny_models, family),
+        tmp_path / "run",
+        structure_weight=0.0,
+        aesthetic="none",
+        one_step_timestep=800,
+        gan_weight=0.5,
+        gan_hidden=8,
+        stop_after=1,
+    )
+    assert run(cfg, "dmd") is None
+    assert (tmp_path / "run" / "checkpoint" / "gan_heads.safetensors").exists()
+    assert run(replace(cfg, stop_after=0), "dmd") is not None
+    lines = log_lines(tmp_path / "run")
+    assert [line["step"] for line in lines] == [0, 1]
+    for term in ("student/gan", "student/gan_logit", "disc/loss", "disc/real_logit", "fake/loss"):
+        assert all(term in line for line in lines), term
+    # the student's loss is the sum of its terms, the GAN term weighted
+    first = lines[0]
+    total = (
+        first["student/alignment_loss"]
+        + first["student/anchor"]
+        + first["student/dmd"]
+        + 0.5 * first["student/gan"]
+    )
+    assert first["student/loss"] == pytest.approx(total, rel=1e-4)
+    with pytest.raises(ValueError, match="GAN term"):
+        run(replace(cfg, dmd_weight=0.0), "dmd")
+
+
+def test_two_step_dmd_is_trained_and_served_in_its_own_schedule(
+    tiny_models: Any, tmp_path: Path
+) -> None:
+    """``dmd_steps=2``: the student is sampled, with grad, in 2 DDIM-trailing steps, and its x̂0
+    is the served ``nstep-lora`` recipe's x̂0 at its last step from the same noise (the served
+    latent then keeps sqrt(1 - ᾱ_0) of ε); the export says so."""
+    torch.set_num_threads(1)
+    cfg = tiny_config(
+        tiny_models.sd15, tmp_path / "run", structure_weight=0.0, aesthetic="none", dmd_steps=2
+    )
+    assert student_schedule(cfg, 1000) == (999, 499)
+    assert student_schedule(replace(cfg, dmd_steps=1), 1000) == (999,)
+    assert run(cfg, "dmd") is not None
+    lines = log_lines(tmp_path / "run")
+    assert all("student/dmd" in line and "fake/loss" in line for line in lines)
+    entry = (tmp_path / "run" / "registry.toml").read_text()
+    assert 'recipe = "nstep-lora"' in entry and "steps = [2]" in entry
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_models.sd15, local_files_only=True, use_safetensors=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = build_scheduler(RECIPES["nstep-lora"], pipe.scheduler.config)
+    alphas = pipe.scheduler.alphas_cumprod.float()
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompts = ["a small red circle", "a large blue cross"]
+    text = pipe.encode_prompt(prompts, "cpu", 1, do_classifier_free_guidance=False)[0]
+    served: list[tuple[int, torch.Tensor]] = []  # (t, x̂0) of every served step
+    step = pipe.scheduler.step
+
+    def recording_step(output: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        result = step(output, t, *args, **kwargs)
+        served.append((int(t), result[1]))  # (prev_sample, pred_original_sample)
+        return result
+
+    pipe.scheduler.step = recording_step
+    with torch.no_grad():
+        trained = sample_x0(pipe.unet, noise, text, alphas, student_schedule(cfg, 1000))
+        pipe(
+            prompts,
+            latents=noise,
+            num_inference_steps=2,
+            guidance_scale=0.0,
+            output_type="latent",
+            height=64,
+            width=64,
+        )
+    assert [t for t, _ in served] == [999, 499]
+    torch.testing.assert_close(trained, served[-1][1], atol=1e-4, rtol=1e-4)

@@ -4,7 +4,9 @@ TSCD (Hyper-SD §3.1): the teacher is the frozen base pipeline, the student the 
 peft LoRA, the target an EMA of the student's LoRA. Stages k = 8 -> 4 -> 2 -> 1 split the
 trajectory into k segments; each stage starts from the previous stage's LoRA. The loss is the
 ``training.objectives.tscd`` distance plus an adversarial term over the frozen teacher's features
-(alternating student / discriminator steps, weight growing as k falls).
+(alternating student / discriminator steps, weight growing as k falls). Options: the sampler's
+own jump (t_end = the segment's edge) drawn more often (``edge_probability``), and the teacher's
+trajectory as the adversarial term's real class (``adversarial_real``).
 
 LCM (the baseline): the same loop, data and budget with ``training.objectives.lcm.lcm_losses``
 (k = 1 consistency distillation, diffusers' LCM-LoRA recipe).
@@ -54,6 +56,7 @@ from training.distributed import MixedPrecision, make_accelerator
 from training.lora_export import export_lora, lora_state_dict, registry_entry, save_peft_lora
 from training.models import Models, build_models, lora_parameters
 from training.objectives.solvers import Distance
+from training.objectives.tscd import AdversarialReal
 from training.teacher import load_teacher
 
 Method = Literal["tscd", "lcm"]
@@ -99,12 +102,18 @@ class DistillConfig:
     distance: Distance = "mse"
     huber_c: float = 0.001
     noise_offset: float = 0.05
+    # TSCD: the chance that t_end is the segment's edge, the jump the k-step sampler makes; else
+    # t_end is uniform on the grid in [t_b, t_{n-1}] (0: only that, ~11% of k = 1's targets x0)
+    edge_probability: float = 0.0
     # adversarial term (TSCD)
     adversarial: bool = True
     adversarial_scale: float = 1.0  # multiplies adversarial_weight(k)
     disc_hidden: int = 64
     disc_lr: float = 1e-4
     disc_every: int = 1  # a discriminator step after every n-th student step
+    # the discriminator's real class: data latents, or "teacher": the teacher trajectory's
+    # x_{t_end} (the consistency target), so it judges the jump rather than the data's look
+    adversarial_real: AdversarialReal = "data"
     # memory / speed (weights stay fp32; autocast runs the networks in bf16)
     mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False

@@ -225,6 +225,7 @@ def student_step(
                 uncond_hidden_states=empty,
                 guidance_range=(guidance[0], guidance[1]) if guidance else None,
                 noise_offset=cfg.noise_offset,
+                edge_probability=cfg.edge_probability,
                 final_alpha_cumprod=models.final_alpha_cumprod,
                 generator=generator,
             )
@@ -268,6 +269,7 @@ def student_step(
 
 
 def discriminator_step(
+    cfg: DistillConfig,
     stage: Stage,
     models: Models,
     prediction: TSCDPrediction,
@@ -276,8 +278,9 @@ def discriminator_step(
     accelerator: Accelerator,
     generator: torch.Generator,
 ) -> dict[str, float]:
-    """The discriminator heads' update: the batch's real latents against the student's
-    (detached) prediction of it, both re-noised into the stage's segment."""
+    """The discriminator heads' update: the real class (the batch's latents, or the teacher
+    trajectory's point: ``cfg.adversarial_real``) against the student's (detached) prediction
+    of it, both re-noised into the stage's segment."""
     assert models.discriminator is not None and stage.heads is not None
     assert stage.disc_optimizer is not None
     with accelerator.autocast():
@@ -289,6 +292,7 @@ def discriminator_step(
             models.alphas_cumprod,
             k=stage.k,
             final_alpha_cumprod=models.final_alpha_cumprod,
+            real=cfg.adversarial_real,
             generator=generator,
         )
     # the student's generator loss left gradients on the heads: zero_grad drops them
@@ -356,7 +360,7 @@ def train_stage(
         if stage.disc_optimizer is not None and step % cfg.disc_every == 0:
             assert prediction is not None
             values |= discriminator_step(
-                stage, models, prediction, batch, text, accelerator, generator
+                cfg, stage, models, prediction, batch, text, accelerator, generator
             )
         # 7. log (the global batch's losses), checkpoint, sample grid
         if step % cfg.log_every == 0 or step + 1 == total:

@@ -13,7 +13,9 @@ DMD (§3.3, one-step enhancement): a third LoRA on the one-step output of TSCD +
 fake score (a LoRA on a copy of the teacher) learns the student's output distribution with the
 diffusion loss, ``fake_updates`` times per student update (two time scales); the student
 follows the normalised (fake - real) score difference (``training.objectives.dmd``), plus the
-anchor MSE and the feedback rewards on its decoded output.
+anchor MSE and the feedback rewards on its decoded output. Options: DMD2's GAN term
+(``gan_weight``: heads over the fake score's features, rendered scenes as the real class), and
+a 2-step student (``dmd_steps``: sampled, with grad, in its own DDIM-trailing schedule).
 
 One stage (``out_dir``), resumable at any checkpoint:
   1. models: teacher (frozen), student = teacher + fused start LoRAs + a new LoRA,
@@ -47,6 +49,7 @@ from training.distributed import MixedPrecision
 from training.enhance_loop import train
 from training.lora_export import export_lora, lora_state_dict, registry_entry, save_peft_lora
 from training.models import Models, build_models
+from training.objectives.adversarial import GanLoss
 from training.rewards import RewardKind
 from training.sampling import Sampler, sample_grid_from
 from training.schedule import LrSchedule
@@ -119,6 +122,18 @@ class EnhanceConfig:
     fake_rank: int = 32
     fake_lr: float = 1e-4
     fake_updates: int = 3  # fake-score updates per student update
+    # DMD's student: 1 = one step from one_step_timestep; N > 1 = its own N-step DDIM-trailing
+    # schedule (as served: recipe nstep-lora), with grad through every step
+    dmd_steps: int = 1
+    # DMD2's GAN term (0: off): heads over the fake score's block outputs tell Shapes renders
+    # from the student's outputs, both noised to one t ~ U[0, T); they learn in the fake-score
+    # updates (loss · gan_disc_weight added to the fake score's, reaching its LoRA too, as DMD2's
+    # classifier branch does); the student's loss adds gan_weight · its generator loss.
+    # DMD2 (SDXL): 5e-3 and 1e-2. It sharpens what the regression and DMD terms blur.
+    gan_weight: float = 0.0
+    gan_disc_weight: float = 1e-2
+    gan_loss: GanLoss = "non-saturating"  # DMD2's softplus pair, or hinge
+    gan_hidden: int = 64  # the width of each head's hidden conv
     # memory / speed (weights stay fp32; autocast runs the networks in bf16)
     mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
@@ -153,7 +168,8 @@ def fused_unet(
 
 def enhance_models(cfg: EnhanceConfig, method: Method, device: torch.device) -> Models:
     """Teacher (frozen), student = teacher + fused start LoRAs + the new LoRA, and for DMD the
-    fake score (teacher + its own LoRA) and the anchor (``anchor_loras`` fused)."""
+    fake score (teacher + its own LoRA, with GAN heads over it when ``gan_weight`` > 0) and the
+    anchor (``anchor_loras`` fused)."""
     pipe = load_teacher(cfg.teacher, cfg.registry)
     student = fused_unet(cfg, device)
     dmd = method == "dmd"
@@ -180,12 +196,20 @@ def enhance_models(cfg: EnhanceConfig, method: Method, device: torch.device) -> 
         student=student,
         gradient_checkpointing=cfg.gradient_checkpointing,
         fake_score_lora=fake_score_lora,
+        gan_hidden=cfg.gan_hidden if fake_score_lora is not None and cfg.gan_weight > 0 else None,
         anchor=anchor,
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. export, and the command
+
+
+def served_recipe(cfg: EnhanceConfig, method: Method) -> str:
+    """The registry recipe the exported model is served with: the one it was trained in."""
+    if method == "feedback":
+        return "unified-1step-lora"
+    return ONE_STEP_RECIPES[cfg.one_step_timestep] if cfg.dmd_steps == 1 else "nstep-lora"
 
 
 def export(cfg: EnhanceConfig, method: Method, models: Models) -> str:
@@ -203,10 +227,11 @@ def export(cfg: EnhanceConfig, method: Method, models: Models) -> str:
     captions = fixed_captions(cfg.sample_count)
     grid = out / "final.png"
     sampler: Sampler
-    if method == "dmd":  # the served 1-step sampler: one step from one_step_timestep
+    if method == "dmd" and cfg.dmd_steps == 1:  # the served sampler: one step from a fixed t
         steps, sampler, timesteps = 1, "lcm", (cfg.one_step_timestep,)
-    else:
-        steps, sampler, timesteps = cfg.sampler_steps, "ddim-trailing", None
+    else:  # DDIM trailing, the N-step LoRAs' recipe
+        steps = cfg.dmd_steps if method == "dmd" else cfg.sampler_steps
+        sampler, timesteps = "ddim-trailing", None
     sample_grid_from(
         models.pipe, models.student, captions, steps, cfg.resolution, grid, sampler, timesteps
     )
@@ -220,8 +245,8 @@ def export(cfg: EnhanceConfig, method: Method, models: Models) -> str:
         cfg.export_name,
         loras,
         base=cfg.registry_base,
-        steps=1,
-        recipe=ONE_STEP_RECIPES[cfg.one_step_timestep] if method == "dmd" else "unified-1step-lora",
+        steps=steps,
+        recipe=served_recipe(cfg, method),
         description=f"{cfg.registry_base} + " + " + ".join(name for name, _ in loras),
     )
     (out / "registry.toml").write_text(entry)
@@ -237,8 +262,12 @@ def run(cfg: EnhanceConfig, method: Method) -> Path | None:
     if cfg.prompts is not None and cfg.structure_weight > 0:
         print("structure loss off: it needs rendered Shapes scenes, not a prompts file")
         cfg = replace(cfg, structure_weight=0.0)
-    if cfg.anchor_steps < 1:
-        raise ValueError(f"anchor_steps must be >= 1, got {cfg.anchor_steps}")
+    if cfg.anchor_steps < 1 or cfg.dmd_steps < 1:
+        raise ValueError("anchor_steps and dmd_steps must be >= 1")
+    if method == "dmd" and cfg.gan_weight > 0 and (cfg.prompts is not None or cfg.dmd_weight == 0):
+        raise ValueError(
+            "the GAN term needs rendered Shapes scenes and the fake score (dmd_weight > 0)"
+        )
     if len(cfg.structure_window) != 2:
         raise ValueError("structure_window needs two timesteps: [low, high]")
     if cfg.threads:

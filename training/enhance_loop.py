@@ -1,9 +1,10 @@
 """The feedback and DMD stages' loop (``training.enhance``): rewards, losses, updates.
 
 ``train`` runs one stage to its end, one student update at a time: the step's prompts
-(``training.data.next_batch``), DMD's fake-score updates (``fake_score_step``), the student's
-loss terms (``student_losses``: the feedback rewards, the anchor MSE, DMD's distribution
-matching and the structure loss) and update, then the log and the checkpoint.
+(``training.data.next_batch``), DMD's fake-score updates (``fake_score_step``, with DMD2's GAN
+heads when on), the student's loss terms (``student_losses``: the feedback rewards, the anchor
+MSE, DMD's distribution matching, the GAN term and the structure loss) and update, then the log
+and the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import config_to_dict
 from training.data import Batch, next_batch
 from training.models import Models, lora_parameters
-from training.objectives.dmd import dmd_losses, fake_score_losses
+from training.objectives.dmd import (
+    dmd_losses,
+    fake_score_losses,
+    gan_discriminator_losses,
+    gan_generator_losses,
+)
 from training.objectives.feedback import (
     RewardTerm,
     SegmentationFn,
@@ -81,6 +87,14 @@ def load_rewards(cfg: EnhanceConfig, device: torch.device) -> Rewards:
     return Rewards(terms, segmentation)
 
 
+def student_schedule(cfg: EnhanceConfig, num_train_timesteps: int) -> tuple[int, ...]:
+    """DMD's student sampler, as served: one step from ``one_step_timestep``, or its own
+    ``dmd_steps``-step DDIM-trailing schedule (e.g. 999, 499)."""
+    if cfg.dmd_steps == 1:
+        return (cfg.one_step_timestep,)
+    return trailing_timesteps(num_train_timesteps, cfg.dmd_steps)
+
+
 def student_losses(
     cfg: EnhanceConfig,
     method: Method,
@@ -91,7 +105,7 @@ def student_losses(
     empty: Tensor,
     generator: torch.Generator,
 ) -> dict[str, Tensor]:
-    """The student's loss terms for one batch (feedback: ReFL + structure; DMD: + DMD)."""
+    """The student's loss terms for one batch (feedback: ReFL + structure; DMD: + DMD, + GAN)."""
     student, alphas, vae = models.student, models.alphas_cumprod, models.pipe.vae
     device = text.device
     noise = torch.randn(batch.latent_shape, generator=generator, device=device)
@@ -106,14 +120,15 @@ def student_losses(
             timesteps = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
             x0_start = x0_from_epsilon(x_t, student(x_t, timesteps, text).sample, timesteps, alphas)
     else:
-        x0 = sample_x0(student, noise, text, alphas, (cfg.one_step_timestep,))
+        schedule = student_schedule(cfg, alphas.shape[0])
+        x0 = sample_x0(student, noise, text, alphas, schedule)
         with torch.no_grad():
             if models.anchor is not None:
                 anchor_schedule = trailing_timesteps(alphas.shape[0], cfg.anchor_steps)
                 x0_start = sample_x0(models.anchor, noise, text, alphas, anchor_schedule)
             else:
                 with adapters_off(student):
-                    x0_start = sample_x0(student, noise, text, alphas, (cfg.one_step_timestep,))
+                    x0_start = sample_x0(student, noise, text, alphas, schedule)
     if models.fake_score is not None:
         dmd = dmd_losses(
             x0,
@@ -127,12 +142,20 @@ def student_losses(
         )
         terms["dmd"] = dmd["loss"]
         terms["dmd_gap"] = dmd["real_fake_gap"]
+    if models.discriminator is not None:  # DMD2's GAN term, through the fake score's features
+        gan = gan_generator_losses(
+            models.discriminator, x0, alphas, text, kind=cfg.gan_loss, generator=generator
+        )
+        terms["gan"] = gan["loss"]
+        terms["gan_logit"] = gan["fake_logit"]
     terms["anchor"] = F.mse_loss(x0.float(), x0_start.float())
     feedback = feedback_losses(latents_to_images(vae, x0), batch.captions, rewards.terms)
     terms |= {k: v for k, v in feedback.items() if k != "loss"}
     loss = feedback["loss"] + cfg.anchor_weight * terms["anchor"]
     if "dmd" in terms:
         loss = loss + cfg.dmd_weight * terms["dmd"]
+    if "gan" in terms:
+        loss = loss + cfg.gan_weight * terms["gan"]
     if rewards.segmentation is not None and batch.render_latents is not None:
         assert batch.masks is not None
         low, high = cfg.structure_window
@@ -158,23 +181,39 @@ def fake_score_step(
     generator: torch.Generator,
 ) -> dict[str, float]:
     """DMD's fake score catches up with the student: ``fake_updates`` steps of its diffusion
-    loss on the student's current 1-step outputs (made without grad: the student stays put)."""
+    loss on the student's current outputs (made without grad: the student stays put); with the
+    GAN term, the heads' loss on the batch's renders against those outputs is added (DMD2)."""
     assert models.fake_score is not None
-    fake: dict[str, Tensor] = {}
+    alphas = models.alphas_cumprod
+    schedule = student_schedule(cfg, alphas.shape[0])
+    values: dict[str, Tensor] = {}
     for _ in range(cfg.fake_updates):
         noise = torch.randn(batch.latent_shape, generator=generator, device=text.device)
         with torch.no_grad(), autocast:
-            generated = sample_x0(
-                models.student, noise, text, models.alphas_cumprod, (cfg.one_step_timestep,)
-            )
+            generated = sample_x0(models.student, noise, text, alphas, schedule)
         with autocast:
             fake = fake_score_losses(
-                models.fake_score, generated, models.alphas_cumprod, text, generator=generator
+                models.fake_score, generated, alphas, text, generator=generator
             )
+            loss = fake["loss"]
+            values = {"fake/loss": fake["loss"]}
+            if models.discriminator is not None:
+                assert batch.render_latents is not None  # run() refuses a prompts file
+                gan = gan_discriminator_losses(
+                    models.discriminator,
+                    generated,
+                    batch.render_latents,
+                    alphas,
+                    text,
+                    kind=cfg.gan_loss,
+                    generator=generator,
+                )
+                loss = loss + cfg.gan_disc_weight * gan["loss"]
+                values |= {f"disc/{key}": value for key, value in gan.items()}
         optimizer.zero_grad(set_to_none=True)
-        fake["loss"].backward()
+        loss.backward()
         optimizer.step()
-    return {"fake/loss": float(fake["loss"].detach())} if fake else {}
+    return {key: float(value.detach()) for key, value in values.items()}
 
 
 def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.device) -> bool:
@@ -189,8 +228,11 @@ def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.devi
     fake_optimizer = None
     if models.fake_score is not None:
         fake_params = lora_parameters(models.fake_score)
-        fake_optimizer = torch.optim.AdamW(fake_params, lr=cfg.fake_lr, weight_decay=0.0)
         modules["fake"] = torch.nn.ParameterList(fake_params)
+        if models.discriminator is not None:  # DMD2: the GAN heads learn with the fake score
+            modules["gan_heads"] = models.discriminator.heads
+            fake_params = fake_params + list(models.discriminator.heads.parameters())
+        fake_optimizer = torch.optim.AdamW(fake_params, lr=cfg.fake_lr, weight_decay=0.0)
         optimizers["fake"] = fake_optimizer
     step = 0
     checkpoint = out / "checkpoint"

@@ -2,8 +2,9 @@
 
 Every stage trains a LoRA on a student UNet against a frozen teacher pipeline; each adds what
 its objective needs: an EMA target and discriminator heads (TSCD, LCM's target), a fake score
-and a regression anchor (DMD). ``build_models`` makes them all in one fixed order, so that the
-LoRAs' random initialisations draw from the global torch generator in the same order every run.
+(with DMD2's discriminator heads over it) and a regression anchor (DMD). ``build_models`` makes
+them all in one fixed order, so that the LoRAs' random initialisations draw from the global
+torch generator in the same order every run.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class Models:
     alphas_cumprod: torch.Tensor
     final_alpha_cumprod: float
     target: UNet2DConditionModel | None = None  # TSCD / LCM: the EMA copy of the student
-    discriminator: TeacherFeatureDiscriminator | None = None  # TSCD's adversarial heads
+    # TSCD's adversarial heads over the teacher; DMD2's GAN heads over the fake score
+    discriminator: TeacherFeatureDiscriminator | None = None
     fake_score: UNet2DConditionModel | None = None  # DMD: the teacher plus its own LoRA
     anchor: UNet2DConditionModel | None = None  # DMD's regression target (None: the start)
 
@@ -58,6 +60,7 @@ def build_models(
     ema_target: bool = False,
     discriminator_hidden: int | None = None,
     fake_score_lora: LoraConfig | None = None,
+    gan_hidden: int | None = None,
     anchor: UNet2DConditionModel | None = None,
 ) -> Models:
     """The teacher (frozen), the student with its new LoRA, and the stage's other networks.
@@ -72,6 +75,8 @@ def build_models(
         ema_target: add ``target``, a copy of the student (TSCD and LCM).
         discriminator_hidden: add TSCD's discriminator heads of this width over the teacher.
         fake_score_lora: add DMD's ``fake_score``, a copy of the teacher with this LoRA.
+        gan_hidden: add DMD2's GAN heads of this width over the fake score's features (its
+            LoRA stays trainable); needs ``fake_score_lora``.
         anchor: DMD's regression target network, built by the caller; given the conditioning.
     """
     pipe.set_progress_bar_config(disable=True)
@@ -98,6 +103,12 @@ def build_models(
     if discriminator_hidden is not None:
         discriminator = to_device(
             TeacherFeatureDiscriminator(teacher, discriminator_hidden), device
+        )
+    if gan_hidden is not None:
+        if fake_score is None:
+            raise ValueError("DMD2's GAN heads read the fake score's features: add a fake score")
+        discriminator = to_device(
+            TeacherFeatureDiscriminator(fake_score, gan_hidden, freeze=False), device
         )
     # the same DDIM algebra as the served sampler (DDIM trailing)
     ddim = build_scheduler(RECIPES["nstep-lora"], pipe.scheduler.config)

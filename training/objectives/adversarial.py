@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,10 @@ from training.objectives.solvers import add_noise, renoise
 ADVERSARIAL_WEIGHTS: Mapping[int, float] = MappingProxyType({8: 0.05, 4: 0.05, 2: 0.2, 1: 0.5})
 """λ_adv by the number of segments k: mostly the consistency distance at 8 and 4 segments, more
 adversarial at 2 and 1 (Hyper-SD §3.1). Starting points, to tune on the Shapes table."""
+
+
+GanLoss = Literal["hinge", "non-saturating"]
+"""The adversarial loss pair: hinge (PCM's, TSCD's) or non-saturating softplus (DMD2's)."""
 
 
 def adversarial_weight(k: int) -> float:
@@ -54,28 +58,69 @@ def generator_hinge_loss(fake_logits: Tensor | Sequence[Tensor]) -> Tensor:
     return -torch.stack([f.mean() for f in fake]).mean()
 
 
+def discriminator_gan_loss(
+    real_logits: Tensor | Sequence[Tensor], fake_logits: Tensor | Sequence[Tensor], kind: GanLoss
+) -> Tensor:
+    """The discriminator's loss, averaged over heads.
+
+    Args:
+        real_logits: D(real), one tensor or one per head.
+        fake_logits: D(fake), as many as ``real_logits``.
+        kind: ``"hinge"`` (``discriminator_hinge_loss``) or ``"non-saturating"``:
+            mean(softplus(-D(real))) + mean(softplus(D(fake))), i.e. binary cross-entropy with
+            real = 1, fake = 0 (DMD2's classifier loss).
+    """
+    if kind == "hinge":
+        return discriminator_hinge_loss(real_logits, fake_logits)
+    real, fake = _logit_list(real_logits), _logit_list(fake_logits)
+    if len(real) != len(fake) or not real:
+        raise ValueError("need the same, non-zero number of real and fake logit tensors")
+    terms = [F.softplus(-r).mean() + F.softplus(f).mean() for r, f in zip(real, fake, strict=True)]
+    return torch.stack(terms).mean()
+
+
+def generator_gan_loss(fake_logits: Tensor | Sequence[Tensor], kind: GanLoss) -> Tensor:
+    """The generator's loss, averaged over heads.
+
+    Args:
+        fake_logits: D(fake), one tensor or one per head (keeping the generator's graph).
+        kind: ``"hinge"``: -mean(D(fake)) (``generator_hinge_loss``); ``"non-saturating"``:
+            mean(softplus(-D(fake))), whose gradient does not vanish while D rejects the fakes.
+    """
+    if kind == "hinge":
+        return generator_hinge_loss(fake_logits)
+    return torch.stack([F.softplus(-f).mean() for f in _logit_list(fake_logits)]).mean()
+
+
 def _block_output_channels(unet: UNet2DConditionModel) -> list[int]:
     channels = list(unet.config["block_out_channels"])
     return [*channels, channels[-1], *reversed(channels)]
 
 
 class TeacherFeatureDiscriminator(nn.Module):
-    """D(x_t, t, c): trainable conv heads over a frozen UNet's down/mid/up block outputs.
+    """D(x_t, t, c): trainable conv heads over a UNet's down/mid/up block outputs.
 
-    The teacher is kept out of this module's parameters and state dict (only the heads train
-    and are saved); its weights are frozen here. Gradients still flow *through* it to the input
-    latents, which is what the student's generator loss needs. The generator loss also leaves
-    gradients on the heads: step only the student's optimizer with it, and zero the heads'
-    gradients before their own step. ``.to(device)`` moves the heads only.
+    The UNet is kept out of this module's parameters and state dict (only the heads train
+    and are saved); by default its weights are frozen here (TSCD: the teacher). Gradients still
+    flow *through* it to the input latents, which is what the student's generator loss needs.
+    The generator loss also leaves gradients on the heads: step only the student's optimizer
+    with it, and zero the heads' gradients before their own step. ``.to(device)`` moves the
+    heads only.
 
     Args:
-        teacher: the frozen teacher UNet2DConditionModel (φ).
+        teacher: the UNet2DConditionModel whose features the heads read (TSCD: the frozen
+            teacher φ; DMD2's GAN term: the fake score, whose LoRA keeps training).
         hidden_channels: width of each head's hidden conv.
+        freeze: freeze every weight of ``teacher``; False leaves its trainable ones (a LoRA)
+            as they are.
     """
 
-    def __init__(self, teacher: UNet2DConditionModel, hidden_channels: int = 64) -> None:
+    def __init__(
+        self, teacher: UNet2DConditionModel, hidden_channels: int = 64, freeze: bool = True
+    ) -> None:
         super().__init__()
-        teacher.requires_grad_(False)
+        if freeze:
+            teacher.requires_grad_(False)
         self._teacher = [teacher]  # a list: not a registered submodule
         if teacher.mid_block is None:
             raise ValueError("the teacher UNet has no mid block")
@@ -157,15 +202,18 @@ def adversarial_inputs(
     *,
     generator: torch.Generator | None = None,
     final_alpha_cumprod: float = 1.0,
+    t_real: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Real and fake latents, both re-noised to the same t_adv inside the segment.
 
     The fake (the student's x̂_{t_end}) is carried forward from t_end with q(x_{t_adv} | x_{t_end});
-    the real clean latents with q(x_{t_adv} | x0). Both then follow the data's marginal at t_adv
-    when the student is perfect.
+    the real clean latents with q(x_{t_adv} | x0) (or, given ``t_real``, real latents at that
+    level with q(x_{t_adv} | x_{t_real})). Both then follow the same marginal at t_adv when the
+    student is perfect.
 
     Args:
-        real_latents: clean data latents x0 ``(N, C, H, W)``.
+        real_latents: the real class: clean data latents x0 ``(N, C, H, W)``, or latents at
+            ``t_real`` (e.g. the teacher trajectory's x_{t_end}).
         fake: the student's prediction at ``t_fake`` (keeps its graph).
         t_fake: ``(N,)`` its timesteps (-1 = clean).
         t_b: ``(N,)`` the segment's edge timestep.
@@ -173,6 +221,7 @@ def adversarial_inputs(
         alphas_cumprod: the ᾱ table.
         generator: the random source.
         final_alpha_cumprod: ᾱ at the clean end.
+        t_real: ``(N,)`` the real latents' timesteps, each <= ``t_fake``; None: clean.
 
     Returns ``(real_noisy, fake_noisy, t_adv)``.
     """
@@ -181,7 +230,12 @@ def adversarial_inputs(
     noises = torch.randn(
         (2, *fake.shape), generator=generator, device=fake.device, dtype=fake.dtype
     )
-    real_noisy = add_noise(real_latents, noises[0], t_adv, alphas_cumprod)
+    if t_real is None:
+        real_noisy = add_noise(real_latents, noises[0], t_adv, alphas_cumprod)
+    else:
+        real_noisy = renoise(
+            real_latents, t_real, t_adv, noises[0], alphas_cumprod, final_alpha_cumprod
+        )
     fake_noisy = renoise(fake, t_fake, t_adv, noises[1], alphas_cumprod, final_alpha_cumprod)
     return real_noisy, fake_noisy, t_adv
 
@@ -192,8 +246,18 @@ def discriminator_losses(
     fake_noisy: Tensor,
     timesteps: Tensor,
     encoder_hidden_states: Tensor,
+    kind: GanLoss = "hinge",
 ) -> dict[str, Tensor]:
-    """The discriminator's step: hinge loss on real vs (detached) fake, both at ``timesteps``.
+    """The discriminator's step: ``kind``'s loss on real vs (detached) fake, both at
+    ``timesteps``.
+
+    Args:
+        discriminator: the heads over their UNet.
+        real_noisy: the real class, noised to ``timesteps``.
+        fake_noisy: the generator's samples, noised the same way (detached here).
+        timesteps: ``(N,)`` their timesteps.
+        encoder_hidden_states: the captions' embeddings.
+        kind: the loss (``discriminator_gan_loss``).
 
     Returns ``loss``, and the mean ``real_logit`` / ``fake_logit`` as diagnostics.
     """
@@ -206,7 +270,7 @@ def discriminator_losses(
     )
     real = [logit[:n] for logit in logits]
     fake = [logit[n:] for logit in logits]
-    loss = discriminator_hinge_loss(real, fake)
+    loss = discriminator_gan_loss(real, fake, kind)
     return {
         "loss": loss,
         "real_logit": torch.stack([r.mean() for r in real]).mean().detach(),
@@ -219,10 +283,20 @@ def generator_adversarial_losses(
     fake_noisy: Tensor,
     timesteps: Tensor,
     encoder_hidden_states: Tensor,
+    kind: GanLoss = "hinge",
 ) -> dict[str, Tensor]:
-    """The student's adversarial term, -mean(D(fake)); gradients reach the fake's producer.
+    """The student's adversarial term; gradients reach the fake's producer.
 
-    Returns ``loss`` and ``fake_logit`` (its negative, detached).
+    Args:
+        discriminator: the heads over their UNet.
+        fake_noisy: the generator's samples, noised to ``timesteps`` (keeping their graph).
+        timesteps: ``(N,)`` their timesteps.
+        encoder_hidden_states: the captions' embeddings.
+        kind: the loss (``generator_gan_loss``; hinge: -mean(D(fake))).
+
+    Returns ``loss`` and ``fake_logit`` (the mean logit, detached).
     """
-    loss = generator_hinge_loss(discriminator(fake_noisy, timesteps, encoder_hidden_states))
-    return {"loss": loss, "fake_logit": -loss.detach()}
+    logits = discriminator(fake_noisy, timesteps, encoder_hidden_states)
+    loss = generator_gan_loss(logits, kind)
+    fake_logit = torch.stack([f.mean() for f in logits]).mean().detach()
+    return {"loss": loss, "fake_logit": fake_logit}

@@ -6,6 +6,10 @@ x0 from it. Their difference is the KL gradient between the student's and the da
 distributions; DMD2 normalises it per sample and turns it into a loss whose gradient it is:
 ``0.5 * mse(x, (x - grad).detach())``. The fake score is trained meanwhile with the ordinary
 diffusion loss on detached student outputs (several fake updates per student update).
+
+DMD2's GAN term (``gan_*``): a discriminator of heads over the fake score's features classifies
+real latents against the student's outputs, both noised to one t; the heads (and the fake
+score's LoRA) learn with the fake score's updates, and the student pushes its logits up.
 """
 
 from __future__ import annotations
@@ -14,6 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from training.objectives.adversarial import (
+    GanLoss,
+    TeacherFeatureDiscriminator,
+    discriminator_losses,
+    generator_adversarial_losses,
+)
 from training.objectives.solvers import (
     EpsilonModel,
     add_noise,
@@ -128,3 +138,92 @@ def fake_score_losses(
     prediction = fake_score(noisy, timesteps, encoder_hidden_states).sample
     mse = F.mse_loss(prediction.float(), noise.float())
     return {"loss": mse, "mse": mse}
+
+
+def _gan_timesteps(
+    latents: Tensor, alphas_cumprod: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    """The GAN term's t ~ U{0, ..., T-1}, one per sample (DMD2's classifier sees every level)."""
+    T = alphas_cumprod.shape[0]
+    return uniform_timesteps(latents.shape[0], 0, T - 1, generator, latents.device)
+
+
+def gan_generator_losses(
+    discriminator: TeacherFeatureDiscriminator,
+    generated: Tensor,
+    alphas_cumprod: Tensor,
+    encoder_hidden_states: Tensor,
+    *,
+    kind: GanLoss = "non-saturating",
+    noise: Tensor | None = None,
+    timesteps: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """The student's GAN term (DMD2): its outputs noised to t, scored by the heads.
+
+    Args:
+        discriminator: the heads over the fake score's features.
+        generated: the student's latents ``(N, C, H, W)`` (keeps its graph: the loss's gradient
+            reaches the student through the fake score).
+        alphas_cumprod: the ᾱ table.
+        encoder_hidden_states: the captions' embeddings.
+        kind: ``"non-saturating"`` (DMD2: softplus(-D(fake))) or ``"hinge"`` (-D(fake)).
+        noise: ε (drawn when None).
+        timesteps: fixed ``(N,)`` timesteps (uniform over [0, T-1] when None).
+        generator: the random source.
+
+    Returns ``loss`` and ``fake_logit`` (the mean logit, detached).
+    """
+    if timesteps is None:
+        timesteps = _gan_timesteps(generated, alphas_cumprod, generator)
+    if noise is None:
+        noise = torch.randn(
+            generated.shape, generator=generator, device=generated.device, dtype=generated.dtype
+        )
+    noisy = add_noise(generated, noise, timesteps, alphas_cumprod)
+    return generator_adversarial_losses(
+        discriminator, noisy, timesteps, encoder_hidden_states, kind
+    )
+
+
+def gan_discriminator_losses(
+    discriminator: TeacherFeatureDiscriminator,
+    generated: Tensor,
+    real_latents: Tensor,
+    alphas_cumprod: Tensor,
+    encoder_hidden_states: Tensor,
+    *,
+    kind: GanLoss = "non-saturating",
+    noise: Tensor | None = None,
+    timesteps: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, Tensor]:
+    """The discriminator's GAN loss (DMD2's classifier): real against the student's outputs.
+
+    Both are noised to the same t (each with its own ε), so that the heads compare them at one
+    noise level; the student's outputs are detached (its update is the generator loss's).
+
+    Args:
+        discriminator: the heads over the fake score's features (the loss reaches the heads and
+            any trainable weights of the fake score).
+        generated: the student's latents (detached here).
+        real_latents: the real class, clean latents (Shapes renders) of the same shape.
+        alphas_cumprod: the ᾱ table.
+        encoder_hidden_states: the captions' embeddings (the real latents' captions).
+        kind: ``"non-saturating"`` (DMD2's softplus pair) or ``"hinge"``.
+        noise: ``(2, N, C, H, W)``: ε for the real, then the generated latents (drawn when None).
+        timesteps: fixed ``(N,)`` timesteps (uniform over [0, T-1] when None).
+        generator: the random source.
+
+    Returns ``loss``, and the mean ``real_logit`` / ``fake_logit`` as diagnostics.
+    """
+    fake = generated.detach()
+    if noise is None:
+        noise = torch.randn((2, *fake.shape), generator=generator, device=fake.device)
+    if timesteps is None:
+        timesteps = _gan_timesteps(fake, alphas_cumprod, generator)
+    real_noisy = add_noise(real_latents, noise[0], timesteps, alphas_cumprod)
+    fake_noisy = add_noise(fake, noise[1], timesteps, alphas_cumprod)
+    return discriminator_losses(
+        discriminator, real_noisy, fake_noisy, timesteps, encoder_hidden_states, kind
+    )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import overload
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -37,6 +37,9 @@ from training.objectives.solvers import (
     offset_noise,
     sample_guidance,
 )
+
+AdversarialReal = Literal["data", "teacher"]
+"""The adversarial term's real class: data latents, or the teacher trajectory's x_{t_end}."""
 
 
 @overload
@@ -94,9 +97,14 @@ def sample_tscd_timesteps(
     num_train_timesteps: int = 1000,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    edge_probability: float = 0.0,
 ) -> TSCDTimesteps:
     """Draw t_n uniformly on the grid {s-1, 2s-1, ..., T-1}, then t_{n-1} = t_n - s and
-    t_end ~ U{t_b, t_b + s, ..., t_{n-1}} (uniform on the grid points of [t_b, t_{n-1}]).
+    t_end ~ U{t_b, t_b + s, ..., t_{n-1}} (uniform on the grid points of [t_b, t_{n-1}]);
+    with ``edge_probability`` p, t_end = t_b instead.
+
+    Uniform t_end rarely trains the jump the k-step sampler makes (t_n to the segment's edge):
+    at k = 1 with s = 25, ~11% of samples target x0. p makes that jump a share >= p.
 
     Args:
         batch: N.
@@ -106,7 +114,11 @@ def sample_tscd_timesteps(
         num_train_timesteps: T.
         generator: the random source.
         device: where the returned tensors live.
+        edge_probability: p in [0, 1], the chance that t_end is the segment's edge t_b; 0
+            draws nothing more from ``generator`` (the uniform t_end alone).
     """
+    if not 0.0 <= edge_probability <= 1.0:
+        raise ValueError(f"edge_probability must be in [0, 1], got {edge_probability}")
     if num_train_timesteps % k or (num_train_timesteps // k) % skip:
         raise ValueError(
             f"skip s = {skip} must divide T/k = {num_train_timesteps}/{k} "
@@ -121,6 +133,9 @@ def sample_tscd_timesteps(
     choices = torch.div(t_prev - t_b, skip, rounding_mode="floor") + 1  # grid points in range
     u = torch.rand(batch, generator=generator, device=gen_device)
     j = torch.minimum((u * choices).long(), choices - 1)
+    if edge_probability > 0:
+        at_edge = torch.rand(batch, generator=generator, device=gen_device) < edge_probability
+        j = torch.where(at_edge, torch.zeros_like(j), j)
     t_end = t_b + j * skip
     return TSCDTimesteps(
         t_n=t_n.to(device), t_prev=t_prev.to(device), t_end=t_end.to(device), t_b=t_b.to(device)
@@ -161,6 +176,7 @@ def tscd_predict(
     noise: Tensor | None = None,
     noise_offset: float = 0.0,
     timesteps: TSCDTimesteps | None = None,
+    edge_probability: float = 0.0,
     final_alpha_cumprod: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> TSCDPrediction:
@@ -186,6 +202,7 @@ def tscd_predict(
         noise: ε; drawn (with ``noise_offset``) when None.
         noise_offset: offset-noise strength for the drawn ε.
         timesteps: fixed timesteps (for tests); drawn with ``sample_tscd_timesteps`` when None.
+        edge_probability: drawn timesteps' chance of t_end = the segment's edge t_b.
         final_alpha_cumprod: ᾱ at the clean end (-1).
         generator: the random source.
     """
@@ -193,7 +210,7 @@ def tscd_predict(
     T = alphas_cumprod.shape[0]
     ts = timesteps
     if ts is None:
-        ts = sample_tscd_timesteps(n, k, skip, T, generator, device)
+        ts = sample_tscd_timesteps(n, k, skip, T, generator, device, edge_probability)
     if noise is None:
         noise = offset_noise(latents, noise_offset, generator)
     x_n = add_noise(latents, noise, ts.t_n, alphas_cumprod)
@@ -298,12 +315,17 @@ def tscd_discriminator_losses(
     *,
     k: int,
     final_alpha_cumprod: float = 1.0,
+    real: AdversarialReal = "data",
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """The discriminator's step of TSCD's adversarial term (on the steps between student steps).
 
-    The real clean latents and the student's (detached) x̂_{t_end} are re-noised to one t_adv in
-    the segment and scored with the hinge loss.
+    The real class and the student's (detached) x̂_{t_end} are re-noised to one t_adv in the
+    segment and scored with the hinge loss. The real class is the clean data latents, or
+    (``real="teacher"``) the consistency target x̂_{t_end}: the teacher's DDIM step then the
+    EMA target's jump, the point of the teacher's trajectory the student is asked to reach;
+    the heads then tell the student's jump from the trajectory's, not the data from anything
+    the teacher makes.
 
     Args:
         discriminator: the heads over the frozen teacher.
@@ -313,13 +335,15 @@ def tscd_discriminator_losses(
         alphas_cumprod: the ᾱ table.
         k: the stage's number of segments.
         final_alpha_cumprod: ᾱ at the clean end.
+        real: the real class, ``"data"`` (``latents``) or ``"teacher"`` (the target x̂_{t_end}).
         generator: the random source.
 
     Returns ``discriminator_losses``' dict: ``loss``, ``real_logit``, ``fake_logit``.
     """
     ts = prediction.timesteps
-    real, fake, t_adv = adversarial_inputs(
-        latents,
+    from_teacher = real == "teacher"
+    real_noisy, fake, t_adv = adversarial_inputs(
+        prediction.target_end if from_teacher else latents,
         prediction.student_end.detach(),
         ts.t_end,
         ts.t_b,
@@ -327,8 +351,9 @@ def tscd_discriminator_losses(
         alphas_cumprod,
         generator=generator,
         final_alpha_cumprod=final_alpha_cumprod,
+        t_real=ts.t_end if from_teacher else None,
     )
-    return discriminator_losses(discriminator, real, fake, t_adv, encoder_hidden_states)
+    return discriminator_losses(discriminator, real_noisy, fake, t_adv, encoder_hidden_states)
 
 
 @torch.no_grad()
