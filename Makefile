@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine (see README.md):
-#   make run    serve the embedded default model on http://127.0.0.1:8000 (gateway + in-process worker)
+#   make run    serve the Shapes models on http://127.0.0.1:8000 (gateway + in-process workers)
 #   make test   lint, type-check, check the import layers and run the test suite
 # Both create .venv on first use and reuse it afterwards.
 
@@ -7,8 +7,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# What `make run` serves in one process: the distilled Shapes models and their teacher (the
+# playground's compare view shows them side by side); a request naming none gets the default.
+SHAPES_MODELS := ["shapes-hyper-1step", "shapes-hyper-2step", "shapes-hyper-4step", "shapes-hyper-8step", "shapes-base"]
 
-.PHONY: run test lint install eval-base distill-shapes ship-shapes table
+.PHONY: run test lint install eval-base eval-final distill-shapes ship-shapes table screenshot \
+	dmd2-shapes dmd-2step-shapes tscd-edge-shapes
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(VENV)/bin/hypersd serve --host $(HOST) --port $(PORT)
+	HYPERSD_EMBEDDED_MODELS='$(SHAPES_MODELS)' $(VENV)/bin/hypersd serve --host $(HOST) --port $(PORT)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -74,3 +78,26 @@ ship-shapes: $(VENV)/.installed
 # The paper's table (README): teacher, LCM, TSCD, + feedback, + DMD at 1/2/4/8 steps.
 table: $(VENV)/.installed
 	$(TRAIN) table --config training/configs/table-shapes.yaml
+
+# Final numbers on held-out caption set 3 (read by no training or selection step): the teacher and
+# the shipped Hyper-SD models, judged by the attribute network and by the geometric judge.
+FINAL := $(VENV)/bin/hypersd-train evaluate --captions 500 --caption-set 3 --threads 1 --quiet
+eval-final: $(VENV)/.installed
+	$(FINAL) --model shapes-base --steps 25 --guidance 2 --out runs/eval-final/shapes-base
+	for k in 1 2 4 8; do $(FINAL) --model shapes-hyper-$${k}step --out runs/eval-final/hyper-$${k}step; done
+	$(VENV)/bin/hypersd-train eval-summary runs/eval-final/shapes-base runs/eval-final/hyper-1step \
+		runs/eval-final/hyper-2step runs/eval-final/hyper-4step runs/eval-final/hyper-8step
+
+# The playground's screenshots for the README (a real headless browser on the embedded server).
+screenshot: $(VENV)/.installed
+	HYPERSD_SCREENSHOTS=docs $(VENV)/bin/pytest -q tests/test_page.py
+
+# Issue 14's levers for sharper 1- and 2-step models, one run each (resumable; compare them on
+# caption sets 1-2 only, docs/distillation.md): DMD2's GAN term, DMD for 2 steps, and TSCD with
+# the sampler's own jump drawn more often.
+dmd2-shapes: $(VENV)/.installed
+	$(TRAIN) dmd --config training/configs/dmd2-shapes.yaml
+dmd-2step-shapes: $(VENV)/.installed
+	$(TRAIN) dmd --config training/configs/dmd-2step-shapes.yaml
+tscd-edge-shapes: $(VENV)/.installed
+	$(TRAIN) tscd --config training/configs/tscd-edge-shapes.yaml

@@ -175,6 +175,19 @@ def test_workers_serve_their_overlays_models_and_keda_watches_their_queues(
     assert len(selectors) == len(set(selectors)), "two workloads share a selector"
 
 
+def test_the_gateway_reads_its_api_keys_from_the_secret(
+    overlay: tuple[str, list[dict[str, Any]]],
+) -> None:
+    _, objects = overlay
+    gateway = next(
+        obj for obj in of_kind(objects, "Deployment") if obj["metadata"]["name"] == "gateway"
+    )
+    sources = gateway["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+    assert {"secretRef": {"name": "hypersd-api-keys"}} in sources
+    # the Secret is the operator's (deploy/README.md), never a committed placeholder
+    assert not [obj for obj in objects if obj["kind"] == "Secret"]
+
+
 def test_the_gpu_overlay_gives_each_worker_a_gpu_and_the_registry() -> None:
     objects = build_overlay("gpu-sdxl")
     for deployment in of_kind(objects, "Deployment"):

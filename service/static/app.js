@@ -193,25 +193,25 @@ async function compare(event) {
   const cards = known.map(compareCard);
   $("compare-results").replaceChildren(...cards);
   $("compare-button").disabled = true;
-  await Promise.all(
-    known.map(async (modelId, index) => {
-      const card = cards[index];
-      const meta = card.querySelector(".meta");
-      const model = models.find((m) => m.id === modelId);
-      if (!model.served) {
-        meta.textContent = "not served by this deployment";
-        return;
-      }
-      try {
-        const job = await runJob({ prompt, model: modelId, seed });
-        card.insertBefore(imageElement(job.images[0]), meta);
-        meta.textContent = `${model.default_steps} step(s) · ${timings(job)}`;
-      } catch (error) {
-        meta.textContent = String(error.message || error);
-        meta.classList.add("error");
-      }
-    }),
-  );
+  // One model after the other, so each time is that model's alone, not a share of the machine.
+  for (const [index, modelId] of known.entries()) {
+    const card = cards[index];
+    const meta = card.querySelector(".meta");
+    const model = models.find((m) => m.id === modelId);
+    if (!model.served) {
+      meta.textContent = "not served by this deployment";
+      continue;
+    }
+    meta.textContent = "running…";
+    try {
+      const job = await runJob({ prompt, model: modelId, seed });
+      card.insertBefore(imageElement(job.images[0]), meta);
+      meta.textContent = `${model.default_steps} step(s) · ${timings(job)}`;
+    } catch (error) {
+      meta.textContent = String(error.message || error);
+      meta.classList.add("error");
+    }
+  }
   $("compare-button").disabled = false;
 }
 
