@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 
 from hypersd.contracts import ErrorBody, ErrorDetail, RequestError
 from jobs.store import STORE_DOWN
+from service.request_id import HEADER
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +135,14 @@ async def _store_down(request: Request, error: Exception) -> JSONResponse:
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s", request.url.path, exc_info=error)
-    return _answer(
-        request, 500, ErrorDetail(type="internal_error", message="internal server error")
+    # Starlette answers an unhandled error outside the app's middleware, so `RequestId` never
+    # sees this response: the id goes on here, for the client to quote and the log to match.
+    request_id = request.scope.get("state", {}).get("request_id")
+    log.exception(
+        "unhandled error on %s (request %s)", request.url.path, request_id, exc_info=error
     )
+    detail = ErrorDetail(type="internal_error", message="internal server error")
+    return _answer(request, 500, detail, {HEADER: request_id} if request_id else None)
 
 
 def install(app: FastAPI) -> None:
