@@ -31,7 +31,7 @@ from jobs.store import JobStore, MemoryJobStore
 from service.app import create_app
 from service.deps import Services
 from service.errors import ApiError
-from worker.runner import JobRunner, load_runner
+from worker.runner import JobRunner, load_runner_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -166,16 +166,11 @@ async def embedded_services(settings: Settings, registry: Registry) -> AsyncIter
     heartbeats: list[Heartbeat] = []
     for spec in specs:  # one after the other: loading is CPU-bound, and it keeps the log readable
         load = functools.partial(
-            load_runner,
+            load_runner_from_settings,
             spec,
             store,
             worker_id=f"{spec.name}@embedded.{os.getpid()}",
-            slots=settings.slots,
-            max_batch_size=settings.max_batch_size,
-            max_wait_ms=settings.max_wait_ms,
-            job_timeout_s=settings.job_timeout_s,
-            device=settings.device,
-            torch_threads=settings.torch_threads,
+            settings=settings,
         )
         runner = await anyio.to_thread.run_sync(load)
         queues[spec.name] = LocalQueue(runner, store, settings.slots)

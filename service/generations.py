@@ -12,7 +12,7 @@ from jobs import states
 from jobs.record import JobRecord
 from service import job_service
 from service.auth import CallerDep, authenticate
-from service.deps import QueueDep, RegistryDep, ServicesDep, SettingsDep, StoreDep
+from service.deps import ServicesDep, SettingsDep, StoreDep
 from service.errors import BODY, COMMON, ApiError, errors
 
 router = APIRouter(
@@ -48,9 +48,7 @@ async def create_generation(
     body: GenerateRequest,
     response: Response,
     caller: CallerDep,
-    registry: RegistryDep,
     store: StoreDep,
-    queue: QueueDep,
     settings: SettingsDep,
     services: ServicesDep,
     prefer: Annotated[str | None, Header(description="`wait=N`: hold up to N seconds")] = None,
@@ -62,16 +60,11 @@ async def create_generation(
     with another body, 409.
     """
     record = await run_in_threadpool(
-        job_service.submit,
+        job_service.submit_for,
+        services,
         body,
-        registry=registry,
-        store=store,
-        queue=queue,
-        served=services.served,
-        default_model=services.default_model,
-        idempotency_key=idempotency_key,
         owner=caller.name,
-        quotas=settings,
+        idempotency_key=idempotency_key,
     )
     wait_s = job_service.prefer_wait(prefer, settings.max_prefer_wait_s)
     if wait_s is not None:

@@ -20,6 +20,7 @@ from jobs.record import JobRecord, resolve_request
 from jobs.settings import Settings
 from jobs.states import public_status
 from jobs.store import IdempotencyConflict, JobStore
+from service.deps import Services
 from service.errors import ApiError
 from service.metrics import JOBS_SUBMITTED
 from service.quotas import admit
@@ -90,6 +91,28 @@ def submit(
         # lets only one delivery run the job.
         queue.submit(stored)
     return stored
+
+
+def submit_for(
+    services: Services,
+    body: GenerateRequest,
+    *,
+    owner: str | None,
+    idempotency_key: str | None,
+) -> JobRecord:
+    """`submit` on this deployment (its registry, store, queue, served and default models,
+    quotas): what the native and the OpenAI routes both do."""
+    return submit(
+        body,
+        registry=services.registry,
+        store=services.store,
+        queue=services.queue,
+        served=services.served,
+        default_model=services.default_model,
+        idempotency_key=idempotency_key,
+        owner=owner,
+        quotas=services.settings,
+    )
 
 
 async def wait(store: JobStore, job_id: str, timeout_s: float) -> JobRecord | None:

@@ -25,7 +25,7 @@ from hypersd.contracts import (
 )
 from service import job_service
 from service.auth import CallerDep, authenticate
-from service.deps import QueueDep, RegistryDep, ServicesDep, SettingsDep, StoreDep
+from service.deps import ServicesDep, SettingsDep, StoreDep
 from service.errors import BODY, COMMON, ApiError, errors
 
 router = APIRouter(tags=["openai"], dependencies=[Depends(authenticate)])
@@ -64,9 +64,7 @@ class ImagesResponse(BaseModel):
 async def create_images(
     body: ImagesRequest,
     caller: CallerDep,
-    registry: RegistryDep,
     store: StoreDep,
-    queue: QueueDep,
     settings: SettingsDep,
     services: ServicesDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=255)] = None,
@@ -95,16 +93,11 @@ async def create_images(
             output_format=body.output_format or "png",
         )
         record = await run_in_threadpool(
-            job_service.submit,
+            job_service.submit_for,
+            services,
             generate,
-            registry=registry,
-            store=store,
-            queue=queue,
-            served=services.served,
-            default_model=services.default_model,
-            idempotency_key=idempotency_key,
             owner=caller.name,
-            quotas=settings,
+            idempotency_key=idempotency_key,
         )
     except ValidationError as error:  # a size out of every model's range
         raise RequestError("size", f"size {body.size!r}: {error.errors()[0]['msg']}") from None

@@ -23,7 +23,7 @@ from jobs.liveness import Heartbeat
 from jobs.queue import TASK_NAME, CeleryQueue, create_celery, queue_name
 from jobs.settings import Settings
 from jobs.store import RedisJobStore
-from worker.runner import load_runner
+from worker.runner import load_runner_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,7 @@ def run_worker(settings: Settings) -> None:
     client = redis.Redis.from_url(settings.redis_url)
     store = RedisJobStore(client, settings.job_ttl_s)
     worker_id = f"{spec.name}@{socket.gethostname()}.{os.getpid()}"
-    runner = load_runner(
-        spec,
-        store,
-        worker_id=worker_id,
-        slots=settings.slots,
-        max_batch_size=settings.max_batch_size,
-        max_wait_ms=settings.max_wait_ms,
-        job_timeout_s=settings.job_timeout_s,
-        device=settings.device,
-        torch_threads=settings.torch_threads,
-    )
+    runner = load_runner_from_settings(spec, store, worker_id=worker_id, settings=settings)
     app = create_celery(settings)
 
     @app.task(name=TASK_NAME)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from hypersd.contracts import ErrorDetail, JobStatus
 from hypersd.registry import ModelSpec
+from jobs.settings import Settings
 from jobs.states import finish, start
 from jobs.store import STORE_DOWN, JobStore, WorkerInfo
 from worker import metrics
@@ -245,4 +246,22 @@ def load_runner(
         max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms,
         job_timeout_s=job_timeout_s,
+    )
+
+
+def load_runner_from_settings(
+    spec: ModelSpec, store: JobStore, *, worker_id: str, settings: Settings
+) -> JobRunner:
+    """`load_runner` sized by the deployment's settings: what a Celery worker and embedded mode
+    both run."""
+    return load_runner(
+        spec,
+        store,
+        worker_id=worker_id,
+        slots=settings.slots,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        job_timeout_s=settings.job_timeout_s,
+        device=settings.device,
+        torch_threads=settings.torch_threads,
     )
