@@ -11,7 +11,7 @@ PORT ?= 8000
 # playground's compare view shows them side by side); a request naming none gets the default.
 SHAPES_MODELS := ["shapes-hyper-1step", "shapes-hyper-2step", "shapes-hyper-4step", "shapes-hyper-8step", "shapes-base"]
 
-.PHONY: run test lint install eval-base eval-final distill-shapes ship-shapes table screenshot \
+.PHONY: run test lint install fuzz chaos eval-base eval-final distill-shapes ship-shapes table screenshot \
 	dmd2-shapes dmd-2step-shapes tscd-edge-shapes
 
 $(VENV)/.installed: pyproject.toml
@@ -36,6 +36,15 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(VENV)/bin/pytest
+
+# Fuzz proof: schemathesis against the live spec of a real gateway + worker + Redis (>= 2,000
+# requests; the test suite runs a short version, tests/test_serving_fuzz.py).
+fuzz: $(VENV)/.installed
+	$(PY) -m bench.fuzz --max-examples 250 --out bench/results/fuzz-cpu.md
+
+# Chaos proof: kill -9 workers and restart Redis under load; every accepted job must end.
+chaos: $(VENV)/.installed
+	$(PY) -m bench.chaos --jobs 300 --rate 10 --steps 4 --out bench/results/chaos-cpu.md
 
 # The base model's measured table in the README (500 fixed captions each).
 EVAL := $(VENV)/bin/hypersd-train evaluate --model shapes-base --captions 500 --threads 1 --quiet

@@ -133,6 +133,8 @@ def _end_to_end(
         "HYPERSD_MAX_BATCH_SIZE": str(max_batch_size),
         "HYPERSD_MAX_WAIT_MS": str(args.max_wait_ms),
         "HYPERSD_WORKER_METRICS_PORT": "0",
+        # A gateway on loopback for this run only: no API keys to configure.
+        "HYPERSD_AUTH": "false",
     }
     if args.model:
         env["HYPERSD_MODEL"] = args.model

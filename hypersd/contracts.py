@@ -10,9 +10,17 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
 MAX_IMAGES = 8
 # Seeds are 0..2**53 - 1, the integers a JavaScript number (and any JSON parser using doubles)
@@ -50,7 +58,11 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=1000)
     negative_prompt: str | None = Field(default=None, max_length=1000)
     model: str | None = Field(default=None, description="registry name; default: the default")
-    steps: int | None = Field(default=None, ge=1, le=1000)
+    steps: Annotated[int, Field(ge=1, le=1000)] | Literal["auto"] | None = Field(
+        default=None,
+        description='"auto" with a series as the model: the member with the most steps '
+        "predicted to finish within the deadline",
+    )
     width: int | None = Field(default=None, ge=8, le=4096)
     height: int | None = Field(default=None, ge=8, le=4096)
     n: int = Field(default=1, ge=1, le=MAX_IMAGES)
@@ -67,6 +79,31 @@ class GenerateRequest(BaseModel):
     eta: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False, strict=False)
     output_format: OutputFormat = "png"
     response_format: ResponseFormat = "url"
+    deadline_ms: float | None = Field(
+        default=None,
+        gt=0,
+        le=86_400_000,
+        allow_inf_nan=False,
+        strict=False,
+        description="finish within this many ms of submission, or be refused at once (429 with "
+        "the predicted wait); default: the model's `sla_ms`, if any",
+    )
+    webhook: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2048,
+        description="http(s) URL POSTed the job (signed, `X-Hypersd-Signature`) when it ends; "
+        "its host must be on the deployment's allow-list",
+    )
+
+    @field_validator("steps", mode="wrap")
+    @classmethod
+    def _steps_error(cls, value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        """One error naming `steps`, not one per member of the union (`steps.constrained-int`)."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError('steps is an integer from 1 to 1000, or "auto"') from None
 
     @field_validator("seed")
     @classmethod
@@ -97,6 +134,10 @@ class ErrorDetail(BaseModel):
     param: str | None = None
     code: str | None = None
     job_id: str | None = None
+    predicted_ms: float | None = Field(
+        default=None, description="a refused deadline: the predicted time to finish"
+    )
+    deadline_ms: float | None = Field(default=None, description="a refused deadline: the deadline")
 
 
 class ErrorBody(BaseModel):
@@ -132,6 +173,12 @@ class Job(BaseModel):
     object: Literal["generation"] = "generation"
     status: JobStatus
     model: str
+    steps: int
+    series: str | None = Field(default=None, description='the series asked for `"steps": "auto"`')
+    deadline_ms: float | None = Field(default=None, description="the deadline it was admitted for")
+    predicted_seconds: float | None = Field(
+        default=None, description="its predicted finish at admission (a model with a deadline)"
+    )
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -140,6 +187,12 @@ class Job(BaseModel):
     seeds: list[int]
     images: list[JobImage] = Field(default_factory=list)
     error: ErrorDetail | None = None
+    queue_position: int | None = Field(
+        default=None, description="while queued: jobs for its model ahead of it (0: next)"
+    )
+    step: int | None = Field(
+        default=None, description="while running: denoising steps done (of `steps`)"
+    )
     links: dict[str, str]
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,7 @@ class Generator:
         height: int | None = None,
         guidance_scale: float | None = None,
         eta: float | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> BatchResult:
         """Generate one image per request in a single pipeline call.
 
@@ -107,6 +108,7 @@ class Generator:
             height: Image height; `None` for the spec's default size.
             guidance_scale: CFG scale; `None` for the spec's default.
             eta: TCD `eta`; only for recipes that take it, `None` for the recipe's default.
+            on_step: Called with the number of denoising steps done after each one (progress).
 
         Raises:
             ValueError: naming the field and its allowed values when a value is not allowed for
@@ -124,7 +126,7 @@ class Generator:
             negative_prompt=any(request.negative_prompt for request in requests),
         )
         width, height = self.spec.resolve_size(width, height)
-        return self._run(requests, sampling, width, height)
+        return self._run(requests, sampling, width, height, on_step)
 
     def warmup(self) -> None:
         """Generate one 1-step image, so that the first request does not pay for lazy set-up.
@@ -136,7 +138,12 @@ class Generator:
         self._run([ImageRequest(prompt="warm-up", seed=0)], sampling, *self.spec.default_size)
 
     def _run(
-        self, requests: Sequence[ImageRequest], sampling: Sampling, width: int, height: int
+        self,
+        requests: Sequence[ImageRequest],
+        sampling: Sampling,
+        width: int,
+        height: int,
+        on_step: Callable[[int], None] | None = None,
     ) -> BatchResult:
         seeds = [request.seed for request in requests]
         # CPU generators: the SD pipelines draw each image's noise from its own generator, so an
@@ -151,7 +158,7 @@ class Generator:
             if sampling.guidance_scale > 1
             else None
         )
-        with self._lock, _PhaseTimer(self.pipe) as timer:
+        with self._lock, _PhaseTimer(self.pipe, on_step) as timer:
             output = self.pipe(
                 prompt=[request.prompt for request in requests],
                 negative_prompt=negative_prompts,
@@ -172,8 +179,9 @@ class _PhaseTimer:
     themselves are never synchronised, so timing does not slow them down.
     """
 
-    def __init__(self, pipe: SDPipeline) -> None:
+    def __init__(self, pipe: SDPipeline, on_step: Callable[[int], None] | None = None) -> None:
         self.pipe = pipe
+        self.on_step = on_step
         self.marks: dict[str, float] = {}
         self.timings: dict[str, float] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -187,9 +195,12 @@ class _PhaseTimer:
     def on_step_end(
         self, pipe: SDPipeline, step: int, timestep: Any, callback_kwargs: dict[str, Any]
     ) -> dict[str, Any]:
-        """`callback_on_step_end` hook of the pipeline call: marks the end of the last step."""
+        """`callback_on_step_end` hook of the pipeline call: marks the end of the last step and
+        reports each step to `on_step`."""
         if step == pipe.num_timesteps - 1:
             self._mark("denoising")
+        if self.on_step is not None:
+            self.on_step(step + 1)
         return callback_kwargs
 
     def __enter__(self) -> _PhaseTimer:
@@ -232,8 +243,8 @@ def load(
     Args:
         spec: The registry spec.
         device: Torch device; defaults to "cuda" when available, else "cpu".
-        dtype: Weight dtype; defaults to float16 on CUDA (float32 for the `onnxruntime` backend)
-            and float32 elsewhere.
+        dtype: Weight dtype; defaults to float16 on CUDA (float32 for the `onnxruntime` and
+            `tensorrt` backends, which export float32 graphs) and float32 elsewhere.
         warmup: Run one 1-step image before returning.
         cache_dir: The artefact cache of compiled backends; default
             `hypersd.backends.cache.cache_dir()` ($HYPERSD_ENGINE_CACHE or ~/.cache/hypersd).
@@ -245,8 +256,10 @@ def load(
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
-        # ONNX exports are float32 (ONNX Runtime's CUDA provider runs them as they are).
-        half = torch.device(device).type == "cuda" and spec.backend != "onnxruntime"
+        # ONNX exports are float32 (ONNX Runtime's CUDA provider runs them as they are; TensorRT
+        # builds its half-precision layers from them).
+        exported = spec.backend in ("onnxruntime", "tensorrt")
+        half = torch.device(device).type == "cuda" and not exported
         dtype = torch.float16 if half else torch.float32
 
     pipe = load_pipeline(spec, dtype)

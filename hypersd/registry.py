@@ -51,10 +51,12 @@ from pydantic import (
 from hypersd.recipes import RECIPES, Recipe, Sampling, format_steps, get_recipe
 
 Family = Literal["sd15", "sdxl"]
-# The backends `hypersd.pipeline.load` can run (`hypersd.backends`); TensorRT joins this list when
-# it exists.
-Backend = Literal["eager", "onnxruntime", "compile"]
+# The backends `hypersd.pipeline.load` can run (`hypersd.backends`). `tensorrt` needs TensorRT and
+# a CUDA GPU; where they are missing it falls back to eager (or fails, with `strict`).
+Backend = Literal["eager", "onnxruntime", "compile", "tensorrt"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
+# Precisions of a TensorRT engine's layers ("auto": half precision, float16).
+EnginePrecision = Literal["auto", "float32", "float16", "bfloat16"]
 LoraFormat = Literal["auto", "diffusers", "kohya"]
 Size = tuple[int, int]
 
@@ -79,6 +81,8 @@ _INHERITED = (
     "backend",
     "static_shapes",
     "strict",
+    "precision",
+    "batch_sizes",
 )
 _SOURCES = ("path", "single_file", "hub_id")
 
@@ -204,11 +208,22 @@ class ModelSpec(BaseModel):
         default_size: Size when a request names none; defaults to the first of `sizes`.
         backend: What runs the text encoder(s), UNet and VAE decoder (`hypersd.backends`):
             `eager` (plain diffusers), `onnxruntime` (ONNX exports with the LoRAs fused, built
-            once into the artefact cache) or `compile` (torch.compile).
-        static_shapes: `compile` only: compile for the shapes seen, with CUDA graphs on CUDA,
-            instead of dynamic shapes.
+            once into the artefact cache), `compile` (torch.compile) or `tensorrt` (TensorRT
+            engines built from those exports; CUDA only).
+        static_shapes: `compile`: compile for the shapes seen, with CUDA graphs on CUDA, instead
+            of dynamic shapes. `tensorrt`: one optimisation profile per batch size and size
+            (each replayed as a CUDA graph) instead of one dynamic profile per size.
+        precision: `tensorrt` only: the engine's layer precision ("auto" is float16).
+        batch_sizes: `tensorrt` only: the image batch sizes its profiles cover (a dynamic
+            profile covers 1 to the largest; CFG doubles the UNet's batch, which is covered).
         strict: Fail the load when the backend cannot be built or loaded, instead of falling
             back to eager with a warning.
+        series: The series this model belongs to (e.g. `shapes-hyper`): the same model at
+            several step counts, which a request names with `"steps": "auto"` and a deadline
+            to get the member with the most steps (its `default_steps`) that meets it.
+        sla_ms: The default deadline (milliseconds from submission to finish) of this model's
+            requests that set no `deadline_ms`: one predicted to miss it is refused at once.
+            None: no deadline by default.
         description: One line for people choosing a model.
     """
 
@@ -230,6 +245,10 @@ class ModelSpec(BaseModel):
     backend: Backend = "eager"
     static_shapes: bool = False
     strict: bool = False
+    precision: EnginePrecision = "auto"
+    batch_sizes: tuple[int, ...] = (1, 4, 8)
+    series: str | None = Field(default=None, pattern=NAME_PATTERN.pattern)
+    sla_ms: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     description: str = ""
 
     _resolve = field_validator("path", "single_file", "unet", mode="before")(_resolve_path)
@@ -297,6 +316,8 @@ class ModelSpec(BaseModel):
             )
         _require_safetensors(self.single_file, "single_file")
         _require_safetensors(self.unet, "unet", folder_ok=True)
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch_sizes: positive integers, got {list(self.batch_sizes)}")
         lora_names = [lora.name for lora in self.loras]
         if len(set(lora_names)) != len(lora_names):
             raise ValueError(f"loras: names must be unique, got {lora_names}")
@@ -401,6 +422,31 @@ class Registry(BaseModel):
                 f"default={self.default!r} is not a model; models: {', '.join(self.models)}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _check_series(self) -> Registry:
+        """A series name is no model's name, and its members' step counts are distinct."""
+        for name in self.series_names:
+            if name in self.models:
+                raise ValueError(f"series {name!r} has the name of a model; name it otherwise")
+            steps = [spec.default_steps for spec in self.series(name)]
+            if len(set(steps)) != len(steps):
+                members = [spec.name for spec in self.series(name)]
+                raise ValueError(
+                    f"series {name!r}: its models {members} must have distinct default_steps, "
+                    f"got {steps}"
+                )
+        return self
+
+    @property
+    def series_names(self) -> list[str]:
+        """The series the models belong to, in file order."""
+        return list(dict.fromkeys(s.series for s in self.models.values() if s.series is not None))
+
+    def series(self, name: str) -> list[ModelSpec]:
+        """The models of series `name`, fewest steps (`default_steps`) first; [] for none."""
+        members = [spec for spec in self.models.values() if spec.series == name]
+        return sorted(members, key=lambda spec: spec.default_steps)
 
     @property
     def names(self) -> list[str]:

@@ -56,6 +56,13 @@ class JobRecord(BaseModel):
     owner: str | None = None
     error: ErrorDetail | None = None
     timings: dict[str, float] = Field(default_factory=dict)
+    # SLA admission (`service.admission`): the series a `"steps": "auto"` request named, the
+    # deadline the job was admitted for, and its predicted finish then (seconds from creation)
+    series: str | None = None
+    deadline_ms: float | None = None
+    predicted_s: float | None = None
+    # where the job's end is POSTed (`jobs.webhooks`), checked against the allow-list at submit
+    webhook: str | None = None
 
     @property
     def content_type(self) -> str:
@@ -96,6 +103,13 @@ def resolve_request(request: GenerateRequest, registry: Registry) -> JobRecord:
         widths = {size[0] for size in spec.sizes}
         field = "width" if (request.width or spec.default_size[0]) not in widths else "height"
         raise RequestError(field, str(error), [format_size(s) for s in spec.sizes]) from None
+    if request.steps == "auto":  # a series' job arrives here with its member's steps
+        series = ", ".join(registry.series_names) or "none in this registry"
+        message = (
+            f"steps 'auto' picks a model of a series ({series}) by deadline: name the series as "
+            f"the model instead of {spec.name!r}, or give steps"
+        )
+        raise RequestError("steps", message, [format_steps(spec.steps)])
     try:
         sampling = spec.resolve_sampling(
             request.steps,

@@ -7,8 +7,9 @@ which is `REDIS_URL`: without it, `hypersd serve` runs in embedded mode.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -112,12 +113,49 @@ class Settings(BaseSettings):
     max_queue_depth: int | None = Field(
         default=None, ge=1, description="jobs waiting in a model's queue; default: no cap"
     )
+    deadline_headroom: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="a job with a deadline is admitted when its predicted finish is within this "
+        "share of the deadline (the rest is room for the prediction's error)",
+    )
+    shared_device: bool = Field(
+        default=False,
+        description="the served models' workers share one device (several workers on one GPU "
+        "or CPU): a deadline's prediction counts the work queued for every model, not only its "
+        "own; embedded mode always does",
+    )
     device: str | None = Field(
         default=None,
         description="the worker's torch device (e.g. 'cuda:0'); default: cuda if any, else cpu",
     )
     torch_threads: int | None = Field(
         default=None, description="torch's CPU threads in a worker; default: torch's choice"
+    )
+    webhook_hosts: list[str] = Field(
+        default=[],
+        description="hosts a job's `webhook` URL may name (JSON list, e.g. "
+        "'[\"hooks.example.com\"]'); a name resolving to a loopback, private or link-local "
+        "address is refused unless that address is listed too; empty: webhooks are refused",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="the HMAC-SHA256 key webhooks are signed with (needed with `webhook_hosts`)",
+    )
+    webhook_max_attempts: int = Field(
+        default=10, ge=1, le=20, description="deliveries tried per webhook (1 s, 2 s, 4 s... apart)"
+    )
+    webhook_timeout_s: float = Field(default=5.0, gt=0, description="one delivery's time limit")
+    cors_origins: list[str] = Field(
+        default=[],
+        description="origins browsers may call the API from (JSON list, e.g. "
+        "'[\"https://app.example.com\"]'); default: none (CORS off)",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="`json`: one JSON object per log line (timestamp, level, logger, message, "
+        "request_id)",
     )
 
     @field_validator("api_keys")

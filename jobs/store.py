@@ -36,6 +36,10 @@ _PREFIX = "hypersd"
 _FINISHED_CHANNEL = f"{_PREFIX}:finished"
 # Queued jobs by when they were queued: the reaper publishes again one whose message is gone.
 _QUEUED = f"{_PREFIX}:queued"
+# Ended jobs whose webhook is still to be delivered, by when it is due (`jobs.webhooks`): added in
+# the very transaction that ends the job, so no end is without its webhook, whoever ended it.
+WEBHOOKS = f"{_PREFIX}:webhooks"
+_WEBHOOK_ATTEMPTS = f"{_PREFIX}:webhook-attempts"
 
 # What a store call raises while Redis is down or restarting (LOADING is a ConnectionError too):
 # the gateway answers 503 and a worker holds a finished job's result until Redis is back.
@@ -182,6 +186,31 @@ class JobStore(Protocol):
         """
         ...
 
+    def set_progress(self, job_id: str, step: int) -> None:
+        """Record that a running job has done `step` denoising steps."""
+        ...
+
+    def progress(self, job_id: str) -> int | None:
+        """The denoising steps a running job has done, if it reported any."""
+        ...
+
+    def queue_position(self, record: JobRecord) -> int | None:
+        """How many jobs for the model of the queued job `record` are ahead of it."""
+        ...
+
+    def take_webhooks(self, lease_s: float, limit: int) -> list[tuple[str, int]]:
+        """Take up to `limit` due webhooks, each leased for `lease_s` (a deliverer that dies
+        leaves it due again then); returns (job id, attempt number from 1)."""
+        ...
+
+    def webhook_later(self, job_id: str, at: float) -> None:
+        """Make a taken webhook due again at Unix time `at` (a retry)."""
+        ...
+
+    def webhook_done(self, job_id: str) -> None:
+        """Drop a webhook: delivered, or out of attempts."""
+        ...
+
 
 # The token bucket, atomic in Redis and timed by Redis' clock, so gateway replicas share one
 # bucket per key whatever their own clocks say. State: a hash {tokens, at}, expiring once full.
@@ -200,6 +229,20 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return tostring(wait)
 """
 
+# Take the due webhooks and lease them (due again at now + lease), counting each attempt; atomic,
+# so gateway replicas never deliver one webhook at once.
+_TAKE_WEBHOOKS = """
+local now, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
+local taken = {}
+for _, id in ipairs(due) do
+  redis.call('ZADD', KEYS[1], now + lease, id)
+  table.insert(taken, id)
+  table.insert(taken, redis.call('HINCRBY', KEYS[2], id, 1))
+end
+return taken
+"""
+
 
 class RedisJobStore:
     """Jobs as JSON strings (`hypersd:job:<id>`), images as bytes, both with the job TTL.
@@ -216,6 +259,7 @@ class RedisJobStore:
         self._listener_lock = threading.Lock()
         self._closing = threading.Event()
         self._take_token = client.register_script(_TAKE_TOKEN)
+        self._take_webhooks = client.register_script(_TAKE_WEBHOOKS)
 
     @staticmethod
     def _job_key(job_id: str) -> str:
@@ -235,6 +279,7 @@ class RedisJobStore:
         """A new job, in the queued jobs and its owner's indexes (all jobs; live jobs)."""
         with self.redis.pipeline() as pipe:
             pipe.zadd(_QUEUED, {record.id: record.created_at})
+            pipe.zadd(f"{_QUEUED}:{record.model}", {record.id: record.created_at})
             keys = [self._owned_key(record.owner)]
             if record.owner is not None:
                 keys.append(self._live_key(record.owner))
@@ -310,10 +355,16 @@ class RedisJobStore:
                 pipe.srem(f"{_PREFIX}:running", job_id)
             if new.status == JobStatus.QUEUED:  # re-queued: its wait starts again
                 pipe.zadd(_QUEUED, {job_id: time.time()})
+                pipe.zadd(f"{_QUEUED}:{new.model}", {job_id: new.created_at})
             else:
                 pipe.zrem(_QUEUED, job_id)
+                # its place in line: by creation, so a re-queued job keeps it
+                pipe.zrem(f"{_QUEUED}:{new.model}", job_id)
             if new.status.terminal:
                 pipe.hincrby(f"{_PREFIX}:finished", f"{new.model}\t{new.status}", 1)
+                pipe.delete(self._progress_key(job_id))
+                if new.webhook is not None:
+                    pipe.zadd(WEBHOOKS, {job_id: time.time()}, nx=True)
                 pipe.publish(_FINISHED_CHANNEL, job_id)
                 if new.owner is not None:
                     pipe.zrem(self._live_key(new.owner), job_id)
@@ -427,6 +478,39 @@ class RedisJobStore:
         key = f"{_PREFIX}:bucket:{bucket}"
         return float(_text(self._take_token(keys=[key], args=[rate_per_s, burst])))
 
+    @staticmethod
+    def _progress_key(job_id: str) -> str:
+        return f"{_PREFIX}:progress:{job_id}"
+
+    def set_progress(self, job_id: str, step: int) -> None:
+        self.redis.set(self._progress_key(job_id), step, ex=self.ttl_s)
+
+    def progress(self, job_id: str) -> int | None:
+        raw = self.redis.get(self._progress_key(job_id))
+        return None if raw is None else int(raw)
+
+    def queue_position(self, record: JobRecord) -> int | None:
+        line = f"{_QUEUED}:{record.model}"
+        # a job that expired while queued leaves the line with its key
+        self.redis.zremrangebyscore(line, "-inf", time.time() - 2 * self.ttl_s)
+        rank = self.redis.zrank(line, record.id)
+        return rank if isinstance(rank, int) else None
+
+    def take_webhooks(self, lease_s: float, limit: int) -> list[tuple[str, int]]:
+        flat = self._take_webhooks(
+            keys=[WEBHOOKS, _WEBHOOK_ATTEMPTS], args=[time.time(), lease_s, limit]
+        )
+        return [(_text(flat[k]), int(flat[k + 1])) for k in range(0, len(flat), 2)]
+
+    def webhook_later(self, job_id: str, at: float) -> None:
+        self.redis.zadd(WEBHOOKS, {job_id: at}, xx=True)
+
+    def webhook_done(self, job_id: str) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.zrem(WEBHOOKS, job_id)
+            pipe.hdel(_WEBHOOK_ATTEMPTS, job_id)
+            pipe.execute()
+
 
 class MemoryJobStore:
     """Embedded mode: jobs in a dict (one process), images in a local folder."""
@@ -442,6 +526,8 @@ class MemoryJobStore:
         self._workers: dict[str, tuple[WorkerInfo, float]] = {}
         self._waiters = FinishWaiters()
         self._buckets: dict[str, tuple[float, float]] = {}  # bucket -> (tokens, at)
+        self._progress: dict[str, int] = {}
+        self._webhooks: dict[str, tuple[float, int]] = {}  # job -> (due at, attempts)
 
     def _expire(self) -> None:
         """Drop jobs older than twice the TTL, as Redis does (called under the lock)."""
@@ -498,6 +584,9 @@ class MemoryJobStore:
                 self._jobs[job_id] = new
                 if new.status.terminal:
                     self._finished[(new.model, new.status.value)] += 1
+                    self._progress.pop(job_id, None)
+                    if new.webhook is not None:
+                        self._webhooks.setdefault(job_id, (time.time(), 0))
         if new is not None and new.status.terminal:
             self._waiters.wake(job_id)
         return new
@@ -572,3 +661,40 @@ class MemoryJobStore:
                 wait = (1 - tokens) / rate_per_s
             self._buckets[bucket] = (tokens, now)
             return wait
+
+    def set_progress(self, job_id: str, step: int) -> None:
+        with self._lock:
+            self._progress[job_id] = step
+
+    def progress(self, job_id: str) -> int | None:
+        with self._lock:
+            return self._progress.get(job_id)
+
+    def queue_position(self, record: JobRecord) -> int | None:
+        with self._lock:
+            if record.status != JobStatus.QUEUED:
+                return None
+            return sum(
+                1
+                for other in self._jobs.values()
+                if other.model == record.model
+                and other.status == JobStatus.QUEUED
+                and other.created_at < record.created_at
+            )
+
+    def take_webhooks(self, lease_s: float, limit: int) -> list[tuple[str, int]]:
+        now = time.time()
+        with self._lock:
+            due = [job_id for job_id, (at, _) in self._webhooks.items() if at <= now][:limit]
+            for job_id in due:
+                self._webhooks[job_id] = (now + lease_s, self._webhooks[job_id][1] + 1)
+            return [(job_id, self._webhooks[job_id][1]) for job_id in due]
+
+    def webhook_later(self, job_id: str, at: float) -> None:
+        with self._lock:
+            if job_id in self._webhooks:
+                self._webhooks[job_id] = (at, self._webhooks[job_id][1])
+
+    def webhook_done(self, job_id: str) -> None:
+        with self._lock:
+            self._webhooks.pop(job_id, None)

@@ -85,6 +85,22 @@ def serve(args: argparse.Namespace) -> int:
 
     overrides = {"host": args.host, "port": args.port, "registry": args.registry}
     settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    import logging
+
+    from jobs.logs import configure
+
+    configure(settings.log_format)
+    # The in-process workers log each model's start-up cost at INFO: load, warm-up and the
+    # backend's artefact (built on a first start, from the cache afterwards); webhooks log their
+    # deliveries.
+    for name in ("worker.runner", "hypersd.backends", "jobs.webhooks"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    # JSON logs: uvicorn's own loggers go through the root's JSON handler too (its default
+    # config gives them text handlers of their own).
+    uvicorn_logs: dict[str, None] = {}
+    if settings.log_format == "json":
+        uvicorn_logs["log_config"] = None
+        logging.getLogger("uvicorn").setLevel(logging.INFO)
     if settings.redis_url:
         from service.app import create_app
 
@@ -99,6 +115,7 @@ def serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_s)),
+        **uvicorn_logs,  # type: ignore[arg-type]
     )
     return 0
 
@@ -107,19 +124,19 @@ def worker(args: argparse.Namespace) -> int:
     """A Celery worker for one model's queue (needs REDIS_URL)."""
     import logging
 
+    from jobs.logs import configure
     from jobs.settings import Settings
     from worker.celery_app import run_worker
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     overrides = {
         "model": args.model,
         "registry": args.registry,
         "device": args.device,
         "worker_metrics_port": args.metrics_port,
     }
-    run_worker(Settings(**{key: value for key, value in overrides.items() if value is not None}))
+    settings = Settings(**{key: value for key, value in overrides.items() if value is not None})
+    configure(settings.log_format, logging.INFO)
+    run_worker(settings)
     return 0
 
 
@@ -133,8 +150,17 @@ def build_engine(args: argparse.Namespace) -> int:
     import torch
 
     from hypersd.backends import build_artefact
+    from hypersd.backends.tensorrt import TensorRTUnavailableError, require_tensorrt
     from hypersd.pipeline import load
 
+    if backend == "tensorrt":
+        # Before loading anything: without TensorRT and a GPU there is nothing to build.
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            require_tensorrt(torch.device(device))
+        except TensorRTUnavailableError as error:
+            print(f"hypersd: error: {error}", file=sys.stderr)
+            return 2
     # Exports are float32 on every device.
     eager_spec = spec.model_copy(update={"backend": "eager"})
     eager = load(eager_spec, device=args.device, dtype=torch.float32, warmup=False)
@@ -197,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument(
         "--backend",
         # hypersd.backends.ARTEFACT_BACKENDS, not imported: the command line starts without torch
-        choices=["onnxruntime"],
+        choices=["onnxruntime", "tensorrt"],
         help="the backend to build for (default: the model's registry backend)",
     )
     engine.add_argument(

@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from hypersd.registry import Registry
 from jobs.liveness import Heartbeat
 from jobs.record import JobRecord
+from jobs.service_time import MemoryServiceTimes
 from jobs.settings import Settings
 from jobs.states import abandon
 from jobs.store import JobStore, MemoryJobStore
@@ -162,6 +163,8 @@ async def embedded_services(settings: Settings, registry: Registry) -> AsyncIter
     # Without a configured folder, images live in a scratch folder removed at shutdown.
     images_dir = settings.images_dir or Path(tempfile.mkdtemp(prefix="hypersd-images-"))
     store = MemoryJobStore(images_dir, settings.job_ttl_s)
+    # what the in-process workers report and SLA admission reads, as Redis holds them for Celery
+    service_times = MemoryServiceTimes()
     queues: dict[str, LocalQueue] = {}
     heartbeats: list[Heartbeat] = []
     for spec in specs:  # one after the other: loading is CPU-bound, and it keeps the log readable
@@ -171,6 +174,7 @@ async def embedded_services(settings: Settings, registry: Registry) -> AsyncIter
             store,
             worker_id=f"{spec.name}@embedded.{os.getpid()}",
             settings=settings,
+            service_times=service_times,
         )
         runner = await anyio.to_thread.run_sync(load)
         queues[spec.name] = LocalQueue(runner, store, settings.slots)
@@ -184,7 +188,16 @@ async def embedded_services(settings: Settings, registry: Registry) -> AsyncIter
         heartbeats[-1].start()
     queue = ModelQueues(queues)
     try:
-        yield Services(settings, registry, store, queue, served=list(queues), auth=auth)
+        yield Services(
+            settings,
+            registry,
+            store,
+            queue,
+            served=list(queues),
+            auth=auth,
+            service_times=service_times,
+            shared_device=True,  # the models run in this one process, on its CPU or GPU
+        )
     finally:
         for heartbeat in heartbeats:
             heartbeat.stop()

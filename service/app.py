@@ -13,15 +13,19 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import redis
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import CollectorRegistry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from hypersd.registry import Registry, load_registry
 from jobs.queue import CeleryQueue, create_celery
+from jobs.record import JobRecord
+from jobs.service_time import RedisServiceTimes
 from jobs.settings import Settings
 from jobs.store import RedisJobStore
-from service import errors, generations, openai_compat, page, system
+from jobs.webhooks import WebhookSender
+from service import errors, events, generations, job_service, openai_compat, page, system
 from service.deps import Services
 from service.limits import BodyLimits
 from service.metrics import JobsCollector, RequestMetrics
@@ -64,11 +68,34 @@ async def redis_services(settings: Settings, registry: Registry) -> AsyncIterato
         if settings.default_model is not None and settings.default_model not in served:
             raise ValueError(f"HYPERSD_DEFAULT_MODEL {settings.default_model!r} is not served")
         yield Services(
-            settings, registry, store, queue, served=served, auth=settings.auth is not False
+            settings,
+            registry,
+            store,
+            queue,
+            served=served,
+            auth=settings.auth is not False,
+            service_times=RedisServiceTimes(client),  # what workers report, for SLA admission
+            shared_device=settings.shared_device,
         )
     finally:
         store.close()
         client.close()
+
+
+def _webhook_sender(services: Services) -> WebhookSender | None:
+    """Started when webhooks are on: delivers the outbox's webhooks in the background, never in
+    a client's request (`jobs.webhooks`)."""
+    settings, store = services.settings, services.store
+    if not settings.webhook_hosts:
+        return None
+
+    def render(record: JobRecord) -> bytes:
+        job = job_service.to_job(record, store, settings.public_url, settings.job_ttl_s)
+        return job.model_dump_json().encode()
+
+    sender = WebhookSender(store, settings, render)
+    sender.start()
+    return sender
 
 
 def create_app(
@@ -88,7 +115,12 @@ def create_app(
         registry = load_registry(resolved.registry)
         async with services(resolved, registry) as ready:
             _publish(app, ready)
-            yield
+            sender = _webhook_sender(ready)
+            try:
+                yield
+            finally:
+                if sender is not None:
+                    sender.stop()
 
     app = FastAPI(
         title="hypersd",
@@ -99,8 +131,16 @@ def create_app(
     errors.install(app)
     app.add_middleware(BodyLimits, max_bytes=resolved.max_body_bytes)
     app.add_middleware(RequestMetrics)
+    if resolved.cors_origins:  # off by default: browsers of other origins are refused
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=resolved.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Prefer"],
+            expose_headers=["X-Request-Id", "Location", "Retry-After", "ETag"],
+        )
     app.add_middleware(RequestId)  # outermost: every answer of the app carries it
-    for module in (generations, openai_compat, system):
+    for module in (generations, events, openai_compat, system):
         app.include_router(module.router)
     page.install(app)
 

@@ -15,8 +15,10 @@ from fastapi import Depends, Request
 
 from hypersd.registry import Registry
 from jobs.queue import JobQueue
+from jobs.service_time import ServiceTimes
 from jobs.settings import Settings
 from jobs.store import JobStore
+from service.admission import Predictor
 
 
 @dataclass
@@ -26,6 +28,10 @@ class Services:
     Args:
         served: The models this deployment's workers can serve (embedded mode: one).
         auth: Whether requests need an API key (`service.auth`).
+        service_times: The batch service times workers report, for SLA admission
+            (`service.admission`); None: every model is cold (admitted).
+        shared_device: Whether the served models' workers share one device (embedded mode:
+            one process), so that a job waits for every model's work ahead.
     """
 
     settings: Settings
@@ -34,6 +40,8 @@ class Services:
     queue: JobQueue
     served: list[str]
     auth: bool = True
+    service_times: ServiceTimes | None = None
+    shared_device: bool = False
 
     def __post_init__(self) -> None:
         if self.auth and not self.settings.api_keys:
@@ -49,6 +57,21 @@ class Services:
         if self.settings.default_model is not None:
             return self.settings.default_model
         return self.served[0] if len(self.served) == 1 else None
+
+    @property
+    def predictor(self) -> Predictor:
+        """Predicts jobs' finishes for SLA admission."""
+        shared = None
+        if self.shared_device:
+            shared = {name: self.registry.get(name).default_steps for name in self.served}
+        return Predictor(
+            self.store,
+            self.queue,
+            self.service_times,
+            self.settings.max_batch_size,
+            shared,
+            self.settings.deadline_headroom,
+        )
 
 
 def _services(request: Request) -> Services:

@@ -60,6 +60,25 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+class DeadlineError(ApiError):
+    """A job refused by SLA admission (`service.admission`): 429 when it is predicted to miss its
+    deadline (`predicted_ms` in the body), 503 when no live worker serves its model."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        deadline_ms: float,
+        retry_after_s: int,
+        predicted_ms: float | None = None,
+    ) -> None:
+        type = "deadline_unmet" if status_code == 429 else "unavailable"
+        super().__init__(status_code, type, message, headers={"Retry-After": str(retry_after_s)})
+        self.detail.predicted_ms = predicted_ms
+        self.detail.deadline_ms = deadline_ms
+
+
 def error_response(
     status_code: int, detail: ErrorDetail, headers: dict[str, str] | None = None
 ) -> JSONResponse:

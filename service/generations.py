@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Response
@@ -27,7 +29,7 @@ def _shown(job_id: str) -> str:
     return repr(job_id) if len(job_id) <= 64 else f"{job_id[:64]!r}..."
 
 
-def _get(store: StoreDep, job_id: str, caller: CallerDep) -> JobRecord:
+def get_job(store: StoreDep, job_id: str, caller: CallerDep) -> JobRecord:
     """The caller's job; another client's is as unknown as a missing one (ids cannot be probed)."""
     record = store.get(job_id)
     if record is None or not caller.owns(record):
@@ -94,7 +96,9 @@ def list_generations(
             "after", f"no job {_shown(after or '')} of yours to list after"
         ) from None
     jobs = [
-        job_service.to_job(record, store, settings.public_url, settings.job_ttl_s, images=False)
+        job_service.to_job(
+            record, store, settings.public_url, settings.job_ttl_s, images=False, progress=False
+        )
         for record in records
     ]
     return JobList(data=jobs, has_more=more, last_id=jobs[-1].id if jobs else None)
@@ -103,7 +107,7 @@ def list_generations(
 @router.get("/{job_id}", response_model=Job, responses=_READ)
 def get_generation(job_id: str, caller: CallerDep, store: StoreDep, settings: SettingsDep) -> Job:
     """The job's status, timings, seeds, images (when succeeded) and error (when failed)."""
-    record = _get(store, job_id, caller)
+    record = get_job(store, job_id, caller)
     return job_service.to_job(record, store, settings.public_url, settings.job_ttl_s)
 
 
@@ -112,10 +116,10 @@ def cancel_generation(
     job_id: str, caller: CallerDep, store: StoreDep, settings: SettingsDep
 ) -> Job:
     """A queued job never runs; a running one is marked canceled and its result discarded."""
-    _get(store, job_id, caller)  # the caller's job (its owner never changes)
+    get_job(store, job_id, caller)  # the caller's job (its owner never changes)
     record = store.update(job_id, states.cancel)
     if record is None:
-        status = _get(store, job_id, caller).status
+        status = get_job(store, job_id, caller).status
         raise ApiError(409, "conflict", f"job {_shown(job_id)} is already {status}")
     return job_service.to_job(record, store, settings.public_url, settings.job_ttl_s)
 
@@ -125,16 +129,37 @@ def cancel_generation(
 ImageIndex = Annotated[str, Path(pattern=r"^[0-9]{1,3}$", description="0 to n - 1")]
 
 
+def _not_modified(if_none_match: str | None, etag: str) -> bool:
+    """Whether `If-None-Match` names `etag` (or is `*`); weak comparison, as RFC 9110 asks."""
+    if if_none_match is None:
+        return False
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
 @router.get(
     "/{job_id}/images/{index}",
-    responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}}, **_READ},
+    responses={
+        200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+        304: {"description": "Not modified: `If-None-Match` names the image's `ETag`"},
+        **_READ,
+    },
     response_class=Response,
 )
 def get_image(
-    job_id: str, index: ImageIndex, caller: CallerDep, store: StoreDep, settings: SettingsDep
+    job_id: str,
+    index: ImageIndex,
+    caller: CallerDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    if_none_match: Annotated[str | None, Header(max_length=1024)] = None,
 ) -> Response:
-    """Image `index` of a succeeded job, as stored (PNG, JPEG or WebP)."""
-    record = _get(store, job_id, caller)
+    """Image `index` of a succeeded job, as stored (PNG, JPEG or WebP).
+
+    An image never changes: a strong `ETag` (its SHA-256) and `Cache-Control: private` (it is
+    the caller's) for as long as it is kept; `If-None-Match` with its tag gives a 304.
+    """
+    record = get_job(store, job_id, caller)
     if states.public_status(record, settings.job_ttl_s) != JobStatus.SUCCEEDED:
         message = f"job {_shown(job_id)} has no images: it is {record.status}"
         raise ApiError(404, "not_found", message)
@@ -142,4 +167,11 @@ def get_image(
     data = store.get_image(job_id, number) if number < len(record.seeds) else None
     if data is None:
         raise ApiError(404, "not_found", f"job {_shown(job_id)} has no image {number}")
-    return Response(data, media_type=record.content_type)
+    kept_s = (record.finished_at or time.time()) + settings.job_ttl_s - time.time()
+    headers = {
+        "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+        "Cache-Control": f"private, max-age={max(0, int(kept_s))}",
+    }
+    if _not_modified(if_none_match, headers["ETag"]):
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type=record.content_type, headers=headers)

@@ -20,6 +20,8 @@ from jobs.record import JobRecord, resolve_request
 from jobs.settings import Settings
 from jobs.states import public_status
 from jobs.store import IdempotencyConflict, JobStore
+from jobs.webhooks import check_url
+from service.admission import Predictor, check_deadline, choose_in_series
 from service.deps import Services
 from service.errors import ApiError
 from service.metrics import JOBS_SUBMITTED
@@ -42,6 +44,7 @@ def submit(
     idempotency_key: str | None = None,
     owner: str | None = None,
     quotas: Settings | None = None,
+    predictor: Predictor | None = None,
 ) -> JobRecord:
     """Validate, store and enqueue a job; a known idempotency key returns its job instead (and
     publishes it again while it is still queued). Blocking (Redis): async routes call it in a
@@ -52,28 +55,54 @@ def submit(
     naming no model gets ``default_model`` (when None, the registry's default).
     ``owner`` (the caller's API key name; None with auth off) owns the job and scopes
     idempotency keys, so one client's key never returns another's job.
-    ``quotas`` are the settings whose limits a new job must pass (`service.quotas.admit`).
+    ``quotas`` are the settings whose limits a new job must pass (`service.quotas.admit`), and
+    whose webhook allow-list a `webhook` must pass (`jobs.webhooks.check_url`; None: refused).
+    ``predictor`` predicts a new job's finish for SLA admission (`service.admission`): a job
+    with a deadline (`deadline_ms`, else its model's `sla_ms`) predicted to miss it is refused,
+    and a series with `"steps": "auto"` gets the member with the most steps that meets it.
+    None: no job is refused for its deadline, and a series gets its most steps.
 
     Raises:
-        RequestError: a value the model does not allow, or a model not served here (422).
-        ApiError: 409 when the idempotency key was used with another body; 429 past a quota.
+        RequestError: a value the model does not allow, a model not served here, or a webhook
+            URL not allowed (422).
+        ApiError: 409 when the idempotency key was used with another body; 429 past a quota or
+            a deadline; 503 with a deadline and no live worker for the model.
     """
     # the body as sent (before the default model is filled in) is what a retry repeats
     fingerprint = body.fingerprint()
     if body.model is None and default_model is not None:
         body = body.model_copy(update={"model": default_model})
-    record = resolve_request(body, registry).model_copy(update={"owner": owner})
-    if record.model not in served:
-        raise RequestError(
-            "model", f"model {record.model!r} is not served by this deployment", list(served)
-        )
     scoped = None
     if idempotency_key is not None:
         scoped = hashlib.sha256(f"{owner or ''}\n{idempotency_key}".encode()).hexdigest()
     idempotency = None if scoped is None else (scoped, fingerprint)
-    # A retry of a known job makes no new one, so no quota refuses it: a client retrying after a
-    # 504 while its job is in flight gets that job, not a 429.
-    if quotas is not None and (scoped is None or store.idempotent_job(scoped) is None):
+    # A retry of a known job makes no new one, so neither a quota nor a deadline refuses it: a
+    # client retrying after a 504 while its job is in flight gets that job, not a 429.
+    new = scoped is None or store.idempotent_job(scoped) is None
+    series, prediction = None, None
+    if body.model is not None and registry.series(body.model):
+        series = body.model
+        body, prediction = choose_in_series(body, registry, served, predictor, refuse=new)
+    record = resolve_request(body, registry).model_copy(update={"owner": owner})
+    if body.webhook is not None:
+        try:
+            check_url(body.webhook, quotas.webhook_hosts if quotas is not None else ())
+        except ValueError as error:
+            raise RequestError("webhook", str(error)) from None
+        record = record.model_copy(update={"webhook": body.webhook})
+    if record.model not in served:
+        raise RequestError(
+            "model", f"model {record.model!r} is not served by this deployment", list(served)
+        )
+    spec = registry.get(record.model)
+    deadline_ms = body.deadline_ms or spec.sla_ms
+    if new and predictor is not None and series is None and deadline_ms is not None:
+        prediction = check_deadline(predictor, spec, record.steps, len(record.seeds), deadline_ms)
+    seconds = None if prediction is None else prediction.seconds
+    record = record.model_copy(
+        update={"series": series, "deadline_ms": deadline_ms, "predicted_s": seconds}
+    )
+    if quotas is not None and new:
         admit(quotas, store, queue, owner, record.model)
     try:
         stored = store.create(record, idempotency)
@@ -101,7 +130,7 @@ def submit_for(
     idempotency_key: str | None,
 ) -> JobRecord:
     """`submit` on this deployment (its registry, store, queue, served and default models,
-    quotas): what the native and the OpenAI routes both do."""
+    quotas, SLA admission): what the native and the OpenAI routes both do."""
     return submit(
         body,
         registry=services.registry,
@@ -112,6 +141,7 @@ def submit_for(
         idempotency_key=idempotency_key,
         owner=owner,
         quotas=services.settings,
+        predictor=services.predictor,
     )
 
 
@@ -137,13 +167,19 @@ def prefer_wait(prefer: str | None, cap_s: float) -> float | None:
 
 
 def to_job(
-    record: JobRecord, store: JobStore, public_url: str | None, ttl_s: int, images: bool = True
+    record: JobRecord,
+    store: JobStore,
+    public_url: str | None,
+    ttl_s: int,
+    images: bool = True,
+    progress: bool = True,
 ) -> Job:
     """The client's view of a job; images as URLs or base64, per `response_format`.
 
     URLs start with `public_url` (the deployment's configured address) or are relative: never
     built from the request's `Host` header, which the client controls. Blocking (base64 images
-    are read from the store); `images=False` leaves them out (a list of jobs).
+    are read from the store); `images=False` leaves them out (a list of jobs), and
+    `progress=False` the queue position and step (a read each).
     """
     base = f"{(public_url or '').rstrip('/')}/v1/generations/{record.id}"
     status = public_status(record, ttl_s)
@@ -157,11 +193,20 @@ def to_job(
                 data = store.get_image(record.id, index) or b""
                 image.b64_json = base64.b64encode(data).decode()
             shown.append(image)
+    position = step = None
+    if progress and status == JobStatus.QUEUED:
+        position = store.queue_position(record)
+    elif progress and status == JobStatus.RUNNING:
+        step = store.progress(record.id) or 0
     started, finished = record.started_at, record.finished_at
     return Job(
         id=record.id,
         status=status,
         model=record.model,
+        steps=record.steps,
+        series=record.series,
+        deadline_ms=record.deadline_ms,
+        predicted_seconds=record.predicted_s,
         created_at=datetime.fromtimestamp(record.created_at, UTC),
         started_at=timestamp(started),
         finished_at=timestamp(finished),
@@ -170,5 +215,7 @@ def to_job(
         seeds=record.seeds,
         images=shown,
         error=record.error,
+        queue_position=position,
+        step=step,
         links={"self": base, "cancel": f"{base}/cancel"},
     )

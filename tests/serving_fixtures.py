@@ -99,6 +99,10 @@ def serving_env(**settings: str | int | float) -> dict[str, str]:
     """The environment of a test process: shipped registry, one thread, fast heartbeats."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("HYPERSD_")}
     env.pop("REDIS_URL", None)
+    # The run's shared artefact cache (conftest's `engine_cache`): workers load the ONNX Runtime
+    # exports of the shipped models from it instead of each exporting its own.
+    if "HYPERSD_ENGINE_CACHE" in os.environ:
+        env["HYPERSD_ENGINE_CACHE"] = os.environ["HYPERSD_ENGINE_CACHE"]
     env |= {
         "OMP_NUM_THREADS": "1",
         "HYPERSD_TORCH_THREADS": "1",

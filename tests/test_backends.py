@@ -264,7 +264,9 @@ def test_the_registry_names_the_allowed_backends(tiny_models: TinyModels, tmp_pa
     registry = load_registry(path)
     assert (registry.get("y").backend, registry.get("y").strict) == ("onnxruntime", True)
     path.write_text(path.read_text().replace('"onnxruntime"', '"tensorrt"'))
-    with pytest.raises(ValueError, match="'eager', 'onnxruntime' or 'compile'"):
+    assert load_registry(path).get("y").backend == "tensorrt"
+    path.write_text(path.read_text().replace('"tensorrt"', '"trt"'))
+    with pytest.raises(ValueError, match="'eager', 'onnxruntime', 'compile' or 'tensorrt'"):
         load_registry(path)
 
 

@@ -228,17 +228,30 @@ def test_cli_registry_model_through_the_pipeline_api(
             ]
             return types.SimpleNamespace(images=images)
 
+    class Spec:  # a registry spec served by ONNX Runtime, as the shipped ones are
+        def __init__(self, backend: str = "onnxruntime") -> None:
+            self.backend = backend
+
+        def model_copy(self, update: dict[str, str]) -> Spec:
+            return Spec(**update)
+
     class Registry:
         default = "shapes-default"
 
-        def get(self, name: str) -> str:
+        def get(self, name: str) -> Spec:
             assert name == "shapes-hyper-2step"
-            return name
+            return Spec()
+
+    loaded: list[str] = []
+
+    def load(spec: Spec, **options: Any) -> Generator:
+        loaded.append(spec.backend)
+        return Generator()
 
     registry = types.ModuleType("hypersd.registry")
     registry.load_registry = lambda path=None: Registry()  # type: ignore[attr-defined]
     pipeline = types.ModuleType("hypersd.pipeline")
-    pipeline.load = lambda spec, **kw: Generator()  # type: ignore[attr-defined]
+    pipeline.load = load  # type: ignore[attr-defined]
     pipeline.ImageRequest = lambda prompt, seed, negative_prompt=None: types.SimpleNamespace(  # type: ignore[attr-defined]
         prompt=prompt, seed=seed
     )
@@ -248,6 +261,7 @@ def test_cli_registry_model_through_the_pipeline_api(
     argv = ["--model", "shapes-hyper-2step", "--steps", "2", "--guidance", "0", "--captions", "30"]
     assert evaluate.main([*argv, "--batch-size", "16", "--out", str(out), "--quiet"]) == 0
     assert [c["n"] for c in calls] == [16, 14]
+    assert loaded == ["eager"]  # evaluations build the model eager, whatever serves it
     assert calls[0]["steps"] == 2 and calls[0]["guidance_scale"] == 0.0
     data = _read_json(out)
     assert data["adherence"]["all"] >= 0.95

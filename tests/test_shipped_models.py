@@ -1,8 +1,11 @@
-"""Every model of the shipped registry loads from its files and generates at its default steps.
+"""Every model of the shipped registry loads from its files and generates at its default steps,
+on the backend the registry serves it with, within tolerance of eager's images.
 
 The distilled Shapes models are the base model plus LoRAs in ``models/shapes-hyper/`` (fp16,
 fused in the order the registry lists them); a missing or mismatched file fails here, not in
-a worker at start-up.
+a worker at start-up. They are served by ONNX Runtime (the registry's `backend`), while training
+and evaluation build them eager: each model's served images are compared with eager's for the
+same seeds, so what the table measured is what users get.
 """
 
 from __future__ import annotations
@@ -13,19 +16,44 @@ import numpy as np
 import pytest
 import torch
 
-from hypersd.pipeline import ImageRequest, load
+from hypersd.backends import install_backend
+from hypersd.pipeline import Generator, ImageRequest, load
 from hypersd.registry import load_registry
 
 REGISTRY = load_registry(Path(__file__).resolve().parents[1] / "models" / "registry.toml")
-PROMPT = "a large red circle in the center on a white background"
+REQUESTS = [
+    ImageRequest("a large red circle in the center on a white background", seed=0),
+    ImageRequest("a small blue triangle to the left of a large yellow square", seed=1),
+]
+# The served images against eager's, in 8-bit levels: ONNX Runtime's float32 kernels round
+# differently, which moves a few pixels by one level (bench/results/backends-cpu.md).
+MAX_PIXEL_DIFFERENCE = 4
+MEAN_PIXEL_DIFFERENCE = 0.1
+
+
+def pixels(generator: Generator) -> np.ndarray:
+    return np.stack([np.asarray(image, np.int16) for image in generator.generate(REQUESTS).images])
+
+
+def test_the_shipped_models_are_served_by_onnx_runtime() -> None:
+    assert {REGISTRY.get(name).backend for name in REGISTRY.names} == {"onnxruntime"}
 
 
 @pytest.mark.parametrize("name", REGISTRY.names)
-def test_shipped_model_generates(name: str) -> None:
+def test_shipped_model_generates_on_its_backend_like_eager(name: str) -> None:
     torch.set_num_threads(1)
     spec = REGISTRY.get(name)
     assert all(lora.path.exists() for lora in spec.loras), "a LoRA file is missing"
-    generator = load(spec, device="cpu", warmup=False)
-    result = generator.generate([ImageRequest(PROMPT, seed=0)])
-    image = np.asarray(result.images[0])
-    assert image.shape == (64, 64, 3) and image.std() > 5  # a picture, not a flat field
+    # One load: eager images first, then the registry's backend swapped into the same pipeline
+    # (what `load` does), from the run's shared artefact cache (conftest's `engine_cache`).
+    generator = load(spec.model_copy(update={"backend": "eager"}), device="cpu", warmup=False)
+    eager = pixels(generator)
+    generator.backend = install_backend(generator.pipe, spec.model_copy(update={"strict": True}))
+    assert generator.backend.backend == spec.backend
+    served = pixels(generator)
+
+    assert served.shape == (2, 64, 64, 3) and served.std() > 5  # a picture, not a flat field
+    difference = np.abs(served - eager)
+    print(f"{name}: pixel difference max {difference.max()}, mean {difference.mean():.4f}")
+    assert difference.max() <= MAX_PIXEL_DIFFERENCE
+    assert difference.mean() <= MEAN_PIXEL_DIFFERENCE

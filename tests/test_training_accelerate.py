@@ -174,3 +174,70 @@ def test_two_processes_train_in_step_and_resume(tiny_models: Any, tmp_path: Path
     rank0, rank1 = ((tmp_path / f"grads-rank{r}.txt").read_text().split() for r in (0, 1))
     assert len(rank0) == len(rank1) == 2 * 4  # student and discriminator, 4 steps in all
     assert all(a != b for a, b in zip(rank0, rank1, strict=True))
+
+
+def test_two_processes_encode_and_train_from_shards(tiny_models: Any, tmp_path: Path) -> None:
+    """``hypersd-train encode`` under two processes: each encodes its own half of a webdataset
+    into its own shards; TSCD (SDXL) under two processes then reads disjoint halves of the
+    shards and still ends with the same weights."""
+    from tiny_models import tiny_image_captions, write_webdataset
+
+    folder = write_webdataset(tmp_path / "wds", tiny_image_captions(12), shards=3)
+    encoded = tmp_path / "encoded"
+    cli_script = tmp_path / "cli.py"
+    cli_script.write_text(
+        "import sys\nfrom training import cli\nsys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    common = [f"teacher={tiny_models.sdxl}", "resolution=64", "device=cpu", "threads=1"]
+    launch(
+        cli_script,
+        [
+            "encode",
+            *common,
+            f"out_dir={encoded}",
+            "data=webdataset",
+            f"data_path={folder}",
+            "bucket_step=16",
+            "crop=random",
+            "shard_size=2",
+        ],
+    )
+    meta = json.loads((encoded / "meta.json").read_text())
+    assert meta["complete"] and meta["settings"]["processes"] == 2
+    captions: dict[int, set[str]] = {0: set(), 1: set()}
+    for sidecar in encoded.glob("p*of2-*.json"):
+        rank = int(sidecar.name[1])
+        captions[rank] |= set(json.loads(sidecar.read_text())["captions"])
+    assert not captions[0] & captions[1] and len(captions[0] | captions[1]) == 12
+
+    script = tmp_path / "harness.py"
+    script.write_text(HARNESS)
+    out = tmp_path / "run"
+    launch(
+        script,
+        [
+            "tscd",
+            *common,
+            f"out_dir={out}",
+            "data=encoded",
+            f"data_path={encoded}",
+            "batch_size=2",
+            "lora_rank=4",
+            "lora_alpha=4",
+            "lr=1e-2",
+            "warmup_steps=1",
+            "disc_hidden=8",
+            "sample_count=2",
+            "sample_every=0",
+            "log_every=1",
+            "stages=[1]",
+            "steps_per_stage=2",
+        ],
+    )
+    assert (out / "k1" / "lora.safetensors").exists()
+    for role in ("student", "target"):
+        main, other = (read_lora(out / f"k1-rank{r}-{role}.safetensors") for r in (0, 1))
+        assert all(torch.equal(main[key], other[key]) for key in main), role
+    rank0, rank1 = ((tmp_path / f"grads-rank{r}.txt").read_text().split() for r in (0, 1))
+    assert len(rank0) == len(rank1) == 2 * 2
+    assert all(a != b for a, b in zip(rank0, rank1, strict=True))

@@ -27,6 +27,7 @@ CONFIG_CLASSES = {
     "training.aesthetic": "AestheticConfig",
     "training.segmentation": "SegmentationConfig",
     "training.distill": "DistillConfig",
+    "training.encode": "EncodeConfig",
     "training.enhance": "EnhanceConfig",
 }
 
@@ -146,3 +147,25 @@ def test_a_fixed_choice_of_a_shipped_config_is_checked_as_it_loads() -> None:
 
     with pytest.raises(ValueError, match=r"lr_schedule: .*'constant' or 'cosine', got 'cosin'"):
         load_config(EnhanceConfig, None, ["lr_schedule=cosin"])
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_the_real_model_configs_chain_into_each_other(family: str) -> None:
+    """encode -> tscd -> feedback -> dmd: each stage reads the files the one before writes."""
+    from training.distill import DistillConfig
+    from training.encode import EncodeConfig
+    from training.enhance import EnhanceConfig
+
+    configs = ROOT / "training" / "configs"
+    encode = load_config(EncodeConfig, configs / f"{family}-encode.yaml")
+    tscd = load_config(DistillConfig, configs / f"{family}-tscd.yaml")
+    feedback = load_config(EnhanceConfig, configs / f"{family}-feedback.yaml")
+    dmd = load_config(EnhanceConfig, configs / f"{family}-dmd.yaml")
+    # TSCD trains on the encoded shards; its k = 1 stage exports <out_dir>/k1/<name>-1step
+    assert (tscd.data, tscd.data_path) == ("encoded", encode.out_dir)
+    assert tscd.resolution == encode.resolution
+    one_step = f"{tscd.out_dir}/k1/{tscd.export_name}-1step.safetensors"
+    assert feedback.start_loras == (one_step,)
+    feedback_lora = f"{feedback.out_dir}/{feedback.export_name}.safetensors"
+    assert dmd.start_loras == (one_step, feedback_lora)
+    assert tscd.teacher == feedback.teacher == dmd.teacher == encode.teacher

@@ -28,7 +28,7 @@ from hypersd.lora import detect_format, load_lora
 from hypersd.registry import LoraSpec, load_registry
 from training import cli
 from training.config import load_config
-from training.data import parquet_pairs
+from training.data import ImageSample, stream_samples
 from training.distill import DistillConfig, run
 from training.distill_loop import initial_lora
 from training.lora_export import load_lora_into, read_lora
@@ -59,6 +59,13 @@ def tiny_config(teacher: Path | str, out: Path, **overrides: Any) -> DistillConf
         "sample_every": 0,
     }
     return DistillConfig(**(values | overrides))
+
+
+def streamed(cfg: DistillConfig) -> list[ImageSample]:
+    """One epoch of the source's samples (one process), bucketed and cropped."""
+    samples = list(stream_samples(cfg, rank=0, world=1, seed=0, epochs=1))
+    assert all(isinstance(s, ImageSample) for s in samples)
+    return samples  # type: ignore[return-value]
 
 
 def lora_module_count(unet: torch.nn.Module) -> int:
@@ -231,7 +238,7 @@ def test_stages_chain_and_killed_runs_resume(
 
 
 def test_folder_data(tiny_models: Any, tmp_path: Path) -> None:
-    """data=folder and data=webdataset: image + caption pairs, centre-cropped and resized."""
+    """data=folder and data=webdataset: image + caption pairs, streamed, cropped and resized."""
     from PIL import Image
 
     from hypersd.shapes import ShapesDataset
@@ -252,8 +259,8 @@ def test_folder_data(tiny_models: Any, tmp_path: Path) -> None:
         adversarial=False,
     )
     assert list(run(cfg, "tscd")) == [1]
-    cached = next((tmp_path / "run" / "data").glob("*.json"))
-    assert len(json.loads(cached.read_text())) == 3
+    captions = [(data / f"{i}.txt").read_text() for i in range(3)]
+    assert sorted(s.caption for s in streamed(cfg)) == sorted(captions)
 
     # the same pairs as a webdataset shard
     with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
@@ -261,8 +268,7 @@ def test_folder_data(tiny_models: Any, tmp_path: Path) -> None:
             tar.add(path, arcname=f"sample{path.name}")
     cfg = replace(cfg, data="webdataset", data_path=str(tmp_path), out_dir=str(tmp_path / "wds"))
     assert list(run(cfg, "tscd")) == [1]
-    cached = next((tmp_path / "wds" / "data").glob("*.json"))
-    assert json.loads(cached.read_text()) == [(data / f"{i}.txt").read_text() for i in range(3)]
+    assert [s.caption for s in streamed(cfg)] == captions  # one shard: its order
 
 
 def test_parquet_data(tiny_models: Any, tmp_path: Path) -> None:
@@ -303,21 +309,21 @@ def test_parquet_data(tiny_models: Any, tmp_path: Path) -> None:
         adversarial=False,
     )
     assert list(run(cfg, "tscd")) == [1]
-    cached = next((tmp_path / "run" / "data").glob("*.json"))
-    assert json.loads(cached.read_text()) == captions
+    assert sorted(s.caption for s in streamed(cfg)) == sorted(captions)
 
     # one file of plain bytes under other column names
     single = tmp_path / "bytes.parquet"
     pq.write_table(pa.table({"jpg": pngs, "caption": captions, "url": ["u"] * 3}), single)
     named = replace(cfg, data_path=str(single), image_column="jpg", caption_column="caption")
-    images, found = parquet_pairs(named)
-    assert images.shape == (3, 64, 64, 3) and found == captions
+    samples = streamed(named)
+    assert [s.caption for s in samples] == captions
+    assert all(s.pixels.shape == (64, 64, 3) and s.original_size == (80, 96) for s in samples)
     with pytest.raises(ValueError, match=r"no column 'image' \(image_column\).*jpg, caption, url"):
-        parquet_pairs(replace(named, image_column="image"))
+        streamed(replace(named, image_column="image"))
     with pytest.raises(ValueError, match=r"no column 'text' \(caption_column\)"):
-        parquet_pairs(replace(named, caption_column="text"))
+        streamed(replace(named, caption_column="text"))
     with pytest.raises(ValueError, match="image_column 'url' is string"):
-        parquet_pairs(replace(named, image_column="url"))
+        streamed(replace(named, image_column="url"))
 
 
 @pytest.mark.skipif(not (SHAPES / "model_index.json").exists(), reason="no Shapes base model")

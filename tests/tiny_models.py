@@ -26,6 +26,7 @@ from diffusers import (
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
+from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -333,3 +334,44 @@ def build_tiny_models(root: Path) -> TinyModels:
         sdxl_kohya=root / "sdxl-kohya.safetensors",
         sdxl_unet=root / "sdxl-1step-unet.safetensors",
     )
+
+
+# image sizes (width, height) of `tiny_image_captions`: landscape, square and portrait, so
+# that at resolution 64 with 16-pixel buckets every aspect bucket (48x80, 64x64, 80x48) is used
+TINY_IMAGE_SIZES = ((96, 56), (72, 72), (56, 96), (120, 72), (64, 64), (60, 100))
+
+
+def tiny_image_captions(count: int, seed: int = 1) -> list[tuple[Image.Image, str]]:
+    """`count` Shapes renders resized to `TINY_IMAGE_SIZES` in turn, with their captions."""
+    from hypersd.shapes import ShapesDataset
+
+    return [
+        (
+            Image.fromarray(sample.rendered.image).resize(
+                TINY_IMAGE_SIZES[i % len(TINY_IMAGE_SIZES)], Image.Resampling.BICUBIC
+            ),
+            f"{i}: {sample.caption}",  # numbered: every caption differs
+        )
+        for i, sample in enumerate(ShapesDataset(seed, count))
+    ]
+
+
+def write_webdataset(folder: Path, samples: list[tuple[Image.Image, str]], shards: int) -> Path:
+    """`samples` as `shards` webdataset .tar files in `folder` (`<key>.png` + `<key>.txt`
+    members, a sample's next to each other), split in order; returns `folder`."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    per_shard = -(-len(samples) // shards)
+    for shard in range(shards):
+        with tarfile.open(folder / f"shard-{shard:03d}.tar", "w") as tar:
+            for i in range(shard * per_shard, min(len(samples), (shard + 1) * per_shard)):
+                image, caption = samples[i]
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                for suffix, data in ((".png", buffer.getvalue()), (".txt", caption.encode())):
+                    member = tarfile.TarInfo(f"sample{i:05d}{suffix}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+    return folder

@@ -1,239 +1,401 @@
 """Training data: where a stage's images, captions and prompts come from.
 
-Distillation (TSCD, LCM) trains on VAE latents of (RGB image, caption) pairs, centre-cropped to
-``resolution`` and encoded once (``load_data``, cached under ``out_dir/data/``). The sources:
-``data=shapes`` renders the Shapes world, ``data=folder`` reads ``<stem>.png|jpg|webp`` +
-``<stem>.txt`` pairs from ``data_path``, ``data=webdataset`` the same pairs from ``.tar`` shards,
-``data=parquet`` rows of ``image_column`` (encoded image bytes, or Hugging Face datasets'
-``{bytes, path}`` struct) and ``caption_column`` from one ``.parquet`` file or a folder of them
-(pyarrow, the ``training`` extra).
+Distillation (TSCD, LCM) streams batches (``TrainingData.batches``); no step holds the data set:
+
+- ``data=shapes`` renders Shapes scenes on demand (``train_images`` of them, drawn at random;
+  square, so one bucket and no crop);
+- ``data=folder|webdataset|parquet`` read image-caption pairs (``training.data_sources``) unit by
+  unit (file, shard, row group); each image goes to the aspect-ratio bucket nearest its own
+  (``aspect_buckets``: ~``resolution``² pixels, sides multiples of ``bucket_step``, aspect up to
+  ``bucket_max_ratio``), is cropped to the bucket's aspect (``crop``: center or random) and
+  resized to it; its original size and crop's top-left corner (in the resized image) become
+  SDXL's time ids. A batch is ``batch_size`` samples of one bucket; the latents are encoded per
+  batch (``batch_latents``);
+- ``data=encoded``: the latents and text embeddings ``hypersd-train encode`` wrote
+  (``training.encode``), a shard at a time.
+
+Under ``accelerate launch`` each process reads a disjoint share (``data_sources.share``: every
+``world``-th shard, file or row group, or every ``world``-th sample when there are fewer units
+than processes); each epoch visits the units in a new order (the same in every process).
 
 The feedback and DMD stages sample from the student instead: ``next_batch`` gives each step its
-prompts, rendered Shapes scenes (with their latents and true masks, for the structure loss) or
-lines of a prompts file.
+prompts, rendered Shapes scenes (with their latents and true masks, for the structure loss),
+lines of a prompts file, or the captions of an encoded folder.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import tarfile
-from collections.abc import Callable
+import functools
+import itertools
+import math
+import random
+import warnings
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from PIL import Image
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
-from hypersd.lora import SDPipeline
 from hypersd.shapes import ShapesDataset
+from training.data_sources import (
+    EncodedSample,
+    RawSample,
+    StreamSource,
+    encoded_captions,
+    encoded_meta,
+    encoded_units,
+    folder_units,
+    parquet_units,
+    read_encoded,
+    read_folder,
+    read_parquet,
+    read_webdataset,
+    share,
+)
+from training.distributed import process_seed
 from training.segmentation import masks_tensor
+from training.teacher import TextEmbeddings, micro_conditions
 
-if TYPE_CHECKING:  # the stages' configs, whose modules import this one
-    from training.distill import DistillConfig
+if TYPE_CHECKING:  # the feedback stage's config, whose module imports this one
     from training.enhance import EnhanceConfig
 
-DataSource = Literal["shapes", "folder", "webdataset", "parquet"]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+DataSource = Literal["shapes", "folder", "webdataset", "parquet", "encoded"]
+Crop = Literal["center", "random"]
+Sample = TypeVar("Sample")
+
+
+class DataSettings(Protocol):
+    """The data fields of a config (``DistillConfig``, ``EncodeConfig``)."""
+
+    @property
+    def data(self) -> DataSource: ...
+    @property
+    def data_path(self) -> str | None: ...
+    @property
+    def image_column(self) -> str: ...
+    @property
+    def caption_column(self) -> str: ...
+    @property
+    def train_images(self) -> int: ...
+    @property
+    def resolution(self) -> int: ...
+    @property
+    def crop(self) -> Crop: ...
+    @property
+    def bucket_step(self) -> int: ...
+    @property
+    def bucket_max_ratio(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+
 
 # ---------------------------------------------------------------------------------------------
-# distillation: (image, caption) pairs, encoded to latents once
+# aspect-ratio buckets and crops
 
 
-def shapes_pairs(cfg: DistillConfig) -> tuple[np.ndarray, list[str]]:
-    """``data=shapes``: ``train_images`` renders of the Shapes world, resized to ``resolution``."""
-    dataset = ShapesDataset(cfg.seed, cfg.train_images)
-    images = np.empty((len(dataset), 64, 64, 3), dtype=np.uint8)
-    captions = []
-    for i, sample in enumerate(tqdm(dataset, desc="render", mininterval=5)):
-        images[i] = sample.rendered.image
-        captions.append(sample.caption)
-    if cfg.resolution != 64:
-        images = np.stack(
-            [
-                np.asarray(
-                    Image.fromarray(im).resize((cfg.resolution,) * 2, Image.Resampling.BICUBIC)
-                )
-                for im in images
-            ]
-        )
-    return images, captions
+def aspect_buckets(
+    resolution: int, step: int = 64, max_ratio: float = 2.0
+) -> list[tuple[int, int]]:
+    """The (height, width) buckets: sides multiples of ``step``, ~``resolution``² pixels, aspect
+    ratios within [1 / ``max_ratio``, ``max_ratio``]; always including the square one."""
+    if resolution % step:
+        raise ValueError(f"resolution {resolution} is not a multiple of bucket_step {step}")
+    if max_ratio < 1:
+        raise ValueError(f"bucket_max_ratio must be >= 1, got {max_ratio}")
+    area = resolution * resolution
+    buckets = {(resolution, resolution)}
+    for width in range(step, int(resolution * math.sqrt(max_ratio)) + 1, step):
+        height = max(step, round(area / width / step) * step)
+        if max(height / width, width / height) <= max_ratio:
+            buckets |= {(height, width), (width, height)}
+    return sorted(buckets, key=lambda hw: hw[1] / hw[0])
 
 
-def square_crop(image: Image.Image, resolution: int) -> np.ndarray:
-    """Centre-crop to a square and resize to ``resolution``: (H, W, 3) uint8."""
+def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log ratio) to ``size`` = (height, width)."""
+    ratio = math.log(size[1] / size[0])
+    return min(buckets, key=lambda hw: abs(math.log(hw[1] / hw[0]) - ratio))
+
+
+@dataclass
+class ImageSample:
+    """An image cropped and resized to its bucket: ``pixels`` (H, W, 3) uint8, its caption,
+    original size (height, width) and crop top-left (top, left) in the resized image."""
+
+    pixels: np.ndarray
+    caption: str
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+
+def fit_to_bucket(
+    image: Image.Image, bucket: tuple[int, int], crop: Crop, rng: random.Random
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Crop ``image`` to ``bucket``'s aspect ratio (its centre, or a random window) and resize it
+    to the bucket (bicubic): the pixels, and the crop's top-left corner in the image resized to
+    cover the bucket (SDXL's ``crops_coords_top_left``)."""
     image = image.convert("RGB")
-    side = min(image.size)
-    left, top = (image.width - side) // 2, (image.height - side) // 2
-    image = image.crop((left, top, left + side, top + side))
-    return np.asarray(image.resize((resolution,) * 2, Image.Resampling.BICUBIC))
+    height, width = bucket
+    scale = max(height / image.height, width / image.width)  # the resize covering the bucket
+    crop_h = min(image.height, round(height / scale))
+    crop_w = min(image.width, round(width / scale))
+    if crop == "center":
+        top, left = (image.height - crop_h) // 2, (image.width - crop_w) // 2
+    elif crop == "random":
+        top, left = rng.randint(0, image.height - crop_h), rng.randint(0, image.width - crop_w)
+    else:
+        raise ValueError(f"crop={crop!r}; allowed: center, random")
+    window = image.crop((left, top, left + crop_w, top + crop_h))
+    pixels = np.asarray(window.resize((width, height), Image.Resampling.BICUBIC))
+    return pixels, (round(top * scale), round(left * scale))
 
 
-def folder_pairs(cfg: DistillConfig) -> tuple[np.ndarray, list[str]]:
-    """``data=folder``: every ``<stem>.png|jpg|webp`` with a ``<stem>.txt`` caption beside it."""
-    if cfg.data_path is None:
-        raise ValueError("data=folder needs data_path=<folder of <stem>.png + <stem>.txt>")
-    folder = Path(cfg.data_path)
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    files = [p for p in files if p.with_suffix(".txt").exists()]
-    if not files:
-        raise ValueError(f"no <stem>.png|jpg|webp + <stem>.txt pairs in {folder}")
-    images = [square_crop(Image.open(path), cfg.resolution) for path in files]
-    captions = [path.with_suffix(".txt").read_text().strip() for path in files]
-    return np.stack(images), captions
+def prepare(
+    raw: RawSample, buckets: list[tuple[int, int]], crop: Crop, rng: random.Random
+) -> ImageSample:
+    """A read sample in its nearest bucket, cropped and resized."""
+    image = raw.open()
+    size = (image.height, image.width)
+    pixels, corner = fit_to_bucket(image, nearest_bucket(size, buckets), crop, rng)
+    return ImageSample(pixels, raw.caption, size, corner)
 
 
-def source_files(cfg: DistillConfig, suffix: str) -> tuple[Path, list[Path]]:
-    """``data_path`` and its files: the file itself, or the folder's ``*<suffix>`` files."""
-    if cfg.data_path is None:
-        raise ValueError(f"data={cfg.data} needs data_path=<a {suffix} file or a folder of them>")
-    source = Path(cfg.data_path)
-    return source, sorted(source.glob(f"*{suffix}")) if source.is_dir() else [source]
+def bucket_batches(
+    samples: Iterable[Sample],
+    batch_size: int,
+    key: Callable[[Sample], Hashable],
+    keep_last: bool = False,
+) -> Iterator[list[Sample]]:
+    """Batches of ``batch_size`` samples with one ``key`` (bucket), as soon as a bucket fills:
+    at most (buckets x (batch_size - 1)) samples wait; ``keep_last``: the part-filled batches
+    too, once ``samples`` ends."""
+    pending: dict[Hashable, list[Sample]] = {}
+    for sample in samples:
+        group = pending.setdefault(key(sample), [])
+        group.append(sample)
+        if len(group) == batch_size:
+            yield pending.pop(key(sample))
+    if keep_last:
+        yield from (group for group in pending.values() if group)
 
 
-def webdataset_pairs(cfg: DistillConfig) -> tuple[np.ndarray, list[str]]:
-    """``data=webdataset``: ``.tar`` shards (one file, or a folder of them) holding
-    ``<key>.jpg|png|webp`` + ``<key>.txt`` members, read with the standard library."""
-    source, shards = source_files(cfg, ".tar")
-    images, captions = [], []
-    for shard in shards:
-        members: dict[str, dict[str, bytes]] = {}
-        with tarfile.open(shard) as tar:
-            for member in tar:
-                file = tar.extractfile(member) if member.isfile() else None
-                if file is None:
-                    continue
-                # webdataset's rule: the key is the path up to the first dot of the file name
-                folder, _, name = member.name.rpartition("/")
-                stem, _, suffix = name.partition(".")
-                key = f"{folder}/{stem}"
-                members.setdefault(key, {})[f".{suffix.lower()}"] = file.read()
-        for key in sorted(members):
-            sample = members[key]
-            image = next((sample[s] for s in IMAGE_SUFFIXES if s in sample), None)
-            if image is None or ".txt" not in sample:
+# ---------------------------------------------------------------------------------------------
+# streams and batches
+
+
+def _units(settings: DataSettings) -> list[Any]:
+    source = settings.data
+    if source == "folder":
+        return folder_units(settings.data_path)
+    if source == "parquet":
+        return parquet_units(settings.data_path, settings.image_column, settings.caption_column)
+    if source == "encoded":
+        return encoded_units(settings.data_path)
+    if source == "webdataset":
+        if settings.data_path is None:
+            raise ValueError("data=webdataset needs data_path=<a .tar file or a folder of them>")
+        path = Path(settings.data_path)
+        shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
+        if not shards or not shards[0].exists():
+            raise ValueError(f"no .tar shards in {path}")
+        return shards
+    raise ValueError(f"data={source!r}; allowed: shapes, folder, webdataset, parquet, encoded")
+
+
+def _read(settings: DataSettings, units: list[Any]) -> Iterator[RawSample | EncodedSample]:
+    source: StreamSource = settings.data  # type: ignore[assignment]  # shapes is not streamed
+    if source == "folder":
+        return read_folder(units)
+    if source == "webdataset":
+        return read_webdataset(units)
+    if source == "parquet":
+        return read_parquet(units, settings.image_column, settings.caption_column)
+    return read_encoded(units)
+
+
+def stream_samples(
+    settings: DataSettings, rank: int, world: int, seed: int, epochs: int | None = None
+) -> Iterator[ImageSample | EncodedSample]:
+    """Process ``rank``'s share of a streamed source, bucketed and cropped (images), epoch after
+    epoch (``epochs``; None: for ever). The units' order is shuffled per epoch by ``seed`` (the
+    same in every process, so the shares stay disjoint); random crops draw per process."""
+    units = _units(settings)
+    buckets = aspect_buckets(settings.resolution, settings.bucket_step, settings.bucket_max_ratio)
+    rng = random.Random(f"crop:{seed}:{rank}")
+    for epoch in itertools.count() if epochs is None else range(epochs):
+        order = list(units)
+        random.Random(f"units:{seed}:{epoch}").shuffle(order)
+        mine, stride = share(order, rank, world)
+        count = 0
+        for index, sample in enumerate(_read(settings, mine)):
+            if index % stride != rank % stride:
                 continue
-            images.append(square_crop(Image.open(io.BytesIO(image)), cfg.resolution))
-            captions.append(sample[".txt"].decode().strip())
-    if not images:
-        raise ValueError(f"no <key>.jpg|png|webp + <key>.txt samples in {source}")
-    return np.stack(images), captions
-
-
-def parquet_pairs(cfg: DistillConfig) -> tuple[np.ndarray, list[str]]:
-    """``data=parquet``: one ``.parquet`` file or a folder of them, a batch of rows at a time.
-
-    ``image_column`` holds encoded images: bytes, or a struct with a ``bytes`` field (Hugging
-    Face datasets' Image feature); rows without image bytes or caption are skipped.
-    """
-    # imported here: pyarrow is the training extra's, only this source needs it
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    source, files = source_files(cfg, ".parquet")
-    images, captions = [], []
-    for file in files:
-        parquet = pq.ParquetFile(file)
-        schema = parquet.schema_arrow
-        for key, column in (
-            ("image_column", cfg.image_column),
-            ("caption_column", cfg.caption_column),
-        ):
-            if column not in schema.names:
-                raise ValueError(
-                    f"{file} has no column {column!r} ({key}); its columns: "
-                    + ", ".join(schema.names)
+            if isinstance(sample, EncodedSample):
+                count += 1
+                yield sample
+                continue
+            try:
+                prepared = prepare(sample, buckets, settings.crop, rng)
+            except OSError as error:  # PIL: not an image, or a truncated one (web data has some)
+                warnings.warn(
+                    f"skipped the image of {sample.caption[:60]!r}: {error}", stacklevel=2
                 )
-        kind = schema.field(cfg.image_column).type
-        if not (
-            pa.types.is_binary(kind)
-            or pa.types.is_large_binary(kind)
-            or (pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0)
-        ):
-            raise ValueError(
-                f"{file}: image_column {cfg.image_column!r} is {kind}, not image bytes "
-                "or a struct with a bytes field"
-            )
-        # batches, so that a large file is never read whole
-        for batch in parquet.iter_batches(
-            batch_size=256, columns=list(dict.fromkeys([cfg.image_column, cfg.caption_column]))
-        ):
-            rows = zip(
-                batch.column(cfg.image_column).to_pylist(),
-                batch.column(cfg.caption_column).to_pylist(),
-                strict=True,
-            )
-            for image, caption in rows:
-                data = image.get("bytes") if isinstance(image, dict) else image
-                if data is None or caption is None:
-                    continue
-                images.append(square_crop(Image.open(io.BytesIO(data)), cfg.resolution))
-                captions.append(str(caption).strip())
-    if not images:
-        raise ValueError(f"no rows with image bytes and a caption in {source}")
-    return np.stack(images), captions
+                continue
+            count += 1
+            yield prepared
+        if count == 0:
+            raise ValueError(f"no samples for process {rank} of {world} in {settings.data_path}")
 
 
-# ``DistillConfig.data`` -> its source
-SOURCES: dict[DataSource, Callable[[DistillConfig], tuple[np.ndarray, list[str]]]] = {
-    "shapes": shapes_pairs,
-    "folder": folder_pairs,
-    "webdataset": webdataset_pairs,
-    "parquet": parquet_pairs,
-}
+@dataclass
+class TrainBatch:
+    """One distillation step's samples, of one bucket.
 
-
-def load_data(
-    cfg: DistillConfig, pipe: SDPipeline, device: torch.device, write_cache: bool = True
-) -> tuple[torch.Tensor, list[str]]:
-    """Scaled VAE latents ``(N, C, h, w)`` and their captions, encoded once and cached.
-
-    The cache's name hashes the data settings and the VAE's scaling factor, so a changed source
-    is encoded again. Under a launcher every process encodes a missing cache itself (no process
-    waits out another's encoding at a barrier, which may time out) and only the main one writes
-    it (``write_cache``).
+    ``pixels`` ``(B, 3, H, W)`` in [-1, 1] (to encode: ``batch_latents``) or pre-encoded
+    ``latents`` and ``text`` embeddings; ``micro_conditions`` ``(B, 6)``: SDXL's time ids.
     """
-    settings: list[Any] = [
-        cfg.data,
-        cfg.data_path,
-        cfg.train_images,
-        cfg.resolution,
-        cfg.seed,
-        cfg.teacher,
-    ]
-    if cfg.data == "parquet":
-        # only here: the other sources' cache names (and so running jobs' caches) stay as they were
-        settings += [cfg.image_column, cfg.caption_column]
-    digest = hashlib.sha1(json.dumps(settings).encode()).hexdigest()[:12]
-    path = Path(cfg.out_dir) / "data" / f"latents-{digest}.safetensors"
-    if path.exists():
-        cached = load_file(str(path))
-        captions = json.loads(path.with_suffix(".json").read_text())
-        return cached["latents"], captions
-    images, captions = SOURCES[cfg.data](cfg)
-    vae = pipe.vae
-    scale = float(vae.config["scaling_factor"])
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    chunks = []
+
+    captions: list[str]
+    micro_conditions: torch.Tensor
+    pixels: torch.Tensor | None = None
+    latents: torch.Tensor | None = None
+    text: TextEmbeddings | None = None
+
+
+def image_batch(samples: list[ImageSample]) -> TrainBatch:
+    """Stack one bucket's image samples."""
+    pixels = torch.from_numpy(np.stack([s.pixels for s in samples]))
+    pixels = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    target = (int(pixels.shape[2]), int(pixels.shape[3]))
+    micro = micro_conditions(
+        [s.original_size for s in samples], [s.crop_top_left for s in samples], target
+    )
+    return TrainBatch([s.caption for s in samples], micro, pixels=pixels)
+
+
+def encoded_batch(samples: list[EncodedSample], vae_factor: int) -> TrainBatch:
+    """Stack one bucket's pre-encoded samples (``vae_factor``: pixels per latent)."""
+    latents = torch.stack([s.latents for s in samples])
+    target = (latents.shape[2] * vae_factor, latents.shape[3] * vae_factor)
+    pooled = [s.pooled for s in samples if s.pooled is not None]
+    text = TextEmbeddings(
+        torch.stack([s.hidden for s in samples]),
+        torch.stack(pooled) if len(pooled) == len(samples) else None,
+    )
+    micro = micro_conditions(
+        [s.original_size for s in samples], [s.crop_top_left for s in samples], target
+    )
+    return TrainBatch([s.caption for s in samples], micro, latents=latents, text=text)
+
+
+def encode_pixels(vae: AutoencoderKL, pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Scaled VAE latents (the posterior's mean) of ``pixels`` in [-1, 1], float32, no grad."""
     with torch.no_grad():
-        for batch in tqdm(pixels.split(64), desc="encode", mininterval=5):
-            posterior = vae.encode(batch.to(device, vae.dtype)).latent_dist
-            chunks.append((posterior.mean * scale).float().cpu())
-    latents = torch.cat(chunks).contiguous()
-    if write_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".json").write_text(json.dumps(captions))
-        # the latents last and renamed into place: their presence means a complete cache
-        partial = path.with_suffix(".partial")
-        save_file({"latents": latents}, str(partial))
-        partial.replace(path)
-    return latents, captions
+        posterior = vae.encode(pixels.to(device, vae.dtype)).latent_dist
+        return (posterior.mean * float(vae.config["scaling_factor"])).float()
+
+
+def batch_latents(batch: TrainBatch, vae: AutoencoderKL, device: torch.device) -> torch.Tensor:
+    """The batch's latents on ``device``: pre-encoded, or its pixels encoded now."""
+    if batch.latents is not None:
+        return batch.latents.to(device)
+    assert batch.pixels is not None
+    return encode_pixels(vae, batch.pixels, device)
+
+
+def vae_factor(vae: AutoencoderKL) -> int:
+    """Pixels per latent along a side."""
+    return int(2 ** (len(vae.config["block_out_channels"]) - 1))
+
+
+def shapes_pixels(dataset: ShapesDataset, indices: list[int], resolution: int) -> np.ndarray:
+    """Renders ``indices`` of ``dataset`` (64 x 64), resized to ``resolution``: (N, H, W, 3)."""
+    images = [dataset[i].rendered.image for i in indices]
+    if resolution != 64:
+        images = [
+            np.asarray(Image.fromarray(im).resize((resolution,) * 2, Image.Resampling.BICUBIC))
+            for im in images
+        ]
+    return np.stack(images)
+
+
+class TrainingData:
+    """A distillation run's data for process ``rank`` of ``world``: endless batches.
+
+    Args:
+        settings: the config's data fields.
+        batch_size: samples per batch (per process).
+        rank: this process's index; world: the number of processes.
+        vae_factor: pixels per latent (the teacher VAE's), for pre-encoded batches' sizes.
+    """
+
+    def __init__(
+        self, settings: DataSettings, batch_size: int, rank: int, world: int, vae_factor: int
+    ) -> None:
+        self.settings, self.batch_size = settings, batch_size
+        self.rank, self.world, self.vae_factor = rank, world, vae_factor
+        if settings.data != "shapes":
+            _units(settings)  # a missing or empty source fails here, not at the first step
+        if settings.data == "encoded":
+            encoded = encoded_meta(settings.data_path)["settings"]["resolution"]
+            if encoded != settings.resolution:
+                raise ValueError(
+                    f"{settings.data_path} was encoded at resolution {encoded}, "
+                    f"not {settings.resolution}"
+                )
+
+    def batches(self, seed: int) -> Iterator[TrainBatch]:
+        """Endless batches drawn from ``seed`` (the same in every process)."""
+        if self.settings.data == "shapes":
+            yield from self._shapes_batches(seed)
+            return
+        samples = stream_samples(self.settings, self.rank, self.world, seed)
+        for group in bucket_batches(samples, self.batch_size, bucket_key):
+            if isinstance(group[0], EncodedSample):
+                yield encoded_batch(group, self.vae_factor)  # type: ignore[arg-type]
+            else:
+                yield image_batch(group)  # type: ignore[arg-type]
+
+    def _shapes_batches(self, seed: int) -> Iterator[TrainBatch]:
+        """Shapes renders drawn at random (with replacement) from this process's share (every
+        ``world``-th of ``train_images``); in one process the draws of a generator seeded by
+        ``seed``, as when the renders were encoded up front."""
+        settings = self.settings
+        dataset = ShapesDataset(settings.seed, settings.train_images)
+        size = len(range(self.rank, len(dataset), self.world))
+        generator = torch.Generator().manual_seed(process_seed(seed, self.rank))
+        resolution = settings.resolution
+        while True:
+            drawn = torch.randint(0, size, (self.batch_size,), generator=generator)
+            indices = [i * self.world + self.rank for i in drawn.tolist()]
+            pixels = torch.from_numpy(shapes_pixels(dataset, indices, resolution))
+            micro = micro_conditions(
+                [(64, 64)] * len(indices), [(0, 0)] * len(indices), (resolution, resolution)
+            )
+            yield TrainBatch(
+                [dataset[i].caption for i in indices],
+                micro,
+                pixels=pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0,
+            )
+
+    def first_captions(self, count: int) -> list[str]:
+        """The source's first ``count`` captions (not Shapes'), e.g. for sample grids."""
+        if self.settings.data == "encoded":
+            assert self.settings.data_path is not None
+            return encoded_captions(self.settings.data_path)[:count]
+        raw = _read(self.settings, _units(self.settings))
+        return [sample.caption for sample in itertools.islice(raw, count)]
+
+
+def bucket_key(sample: ImageSample | EncodedSample) -> Hashable:
+    """A sample's bucket: its pixels' or latents' shape."""
+    if isinstance(sample, EncodedSample):
+        return tuple(sample.latents.shape)
+    return sample.pixels.shape
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,24 +412,42 @@ class Batch:
     masks: torch.Tensor | None = None
 
 
-def next_batch(cfg: EnhanceConfig, step: int, vae: AutoencoderKL, device: torch.device) -> Batch:
-    """Step ``step``'s batch: Shapes scenes (rendered), or lines of the ``prompts`` file."""
+@functools.lru_cache(maxsize=4)
+def prompt_list(path: str) -> tuple[str, ...]:
+    """The prompts of a text file (one per non-empty line) or of an encoded folder (its
+    captions), read once."""
+    if Path(path).is_dir():
+        prompts = [caption.strip() for caption in encoded_captions(path)]
+    else:
+        prompts = [line.strip() for line in Path(path).read_text().splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise ValueError(f"no prompts in {path}")
+    return tuple(prompts)
+
+
+def next_batch(
+    cfg: EnhanceConfig,
+    step: int,
+    vae: AutoencoderKL,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+) -> Batch:
+    """Step ``step``'s batch for process ``rank`` of ``world``: Shapes scenes (rendered), or
+    prompts of ``cfg.prompts`` (a text file, or an encoded folder's captions). Each process takes
+    the batch at global index ``step * world + rank``, so processes get different prompts."""
+    first = (step * world + rank) * cfg.batch_size
     if cfg.prompts is not None:
-        lines = [line.strip() for line in Path(cfg.prompts).read_text().splitlines()]
-        lines = [line for line in lines if line]
-        if not lines:
-            raise ValueError(f"no prompts in {cfg.prompts}")
-        start = step * cfg.batch_size
-        captions = [lines[(start + i) % len(lines)] for i in range(cfg.batch_size)]
-        factor = 2 ** (len(vae.config["block_out_channels"]) - 1)
-        side = cfg.resolution // factor
+        prompts = prompt_list(cfg.prompts)
+        captions = [prompts[(first + i) % len(prompts)] for i in range(cfg.batch_size)]
+        side = cfg.resolution // vae_factor(vae)
         shape = (cfg.batch_size, int(vae.config["latent_channels"]), side, side)
         return Batch(captions, shape)
     dataset = ShapesDataset(cfg.seed + 7, 10**9)
-    samples = [dataset[step * cfg.batch_size + i] for i in range(cfg.batch_size)]
+    samples = [dataset[first + i] for i in range(cfg.batch_size)]
     pixels = torch.from_numpy(np.stack([s.rendered.image for s in samples]))
     pixels = pixels.permute(0, 3, 1, 2).float().to(device) / 127.5 - 1.0
-    with torch.no_grad():
-        latents = vae.encode(pixels).latent_dist.mean * float(vae.config["scaling_factor"])
+    latents = encode_pixels(vae, pixels, device)  # in the VAE's dtype (weight_dtype=bf16)
     masks = masks_tensor([s.rendered for s in samples], device)
     return Batch([s.caption for s in samples], tuple(latents.shape), latents, masks)

@@ -12,7 +12,8 @@ LCM (the baseline): the same loop, data and budget with ``training.objectives.lc
 (k = 1 consistency distillation, diffusers' LCM-LoRA recipe).
 
 One stage (``out_dir/k<K>/`` or ``out_dir/lcm/``), resumable at any checkpoint:
-  1. data: captions + VAE latents, encoded once and cached (``training.data``)
+  1. data: streamed image-caption batches of one aspect bucket, VAE-encoded per batch, or
+     latents and text embeddings pre-encoded by ``hypersd-train encode`` (``training.data``)
   2. models: teacher (frozen), student (+ LoRA, started from the previous stage's LoRA or
      ``init_from``), target (EMA copy), discriminator heads (``training.models``)
   3. the loop (``train_stage``): student step (+ discriminator step), EMA, log, checkpoint,
@@ -27,7 +28,8 @@ Several GPUs or nodes: the same command under ``accelerate launch``, e.g.
     accelerate launch --multi_gpu --num_processes 8 -m training.cli tscd --config FILE
 
 trains data-parallel (``training.distributed``): each process draws its own ``batch_size``
-batches (the global batch is ``batch_size x processes``) and the LoRA (and discriminator heads)
+batches from its own share of the data (``training.data``; the global batch is ``batch_size x
+processes``) and the LoRA (and discriminator heads)
 gradients are averaged over processes every step, so every process holds the same weights. Only
 the main process writes the log, checkpoints, sample grids and exports; ``out_dir`` must be on
 storage every node sees. With ``device=cpu`` the processes are CPU ones talking over gloo (how
@@ -50,13 +52,16 @@ from hypersd.lora import SDPipeline
 from training.base import RunLog
 from training.checkpoint import load_checkpoint
 from training.config import config_to_dict, load_config
-from training.data import DataSource, load_data
+from training.data import Crop, DataSource, TrainingData, vae_factor
+from training.devices import WeightDtype, torch_dtype
 from training.distill_loop import stage_dir, train_stage
-from training.distributed import MixedPrecision, make_accelerator
+from training.distributed import MixedPrecision, compute_precision, make_accelerator
 from training.lora_export import export_lora, lora_state_dict, registry_entry, save_peft_lora
+from training.memory import distill_estimate
 from training.models import Models, build_models, lora_parameters
 from training.objectives.solvers import Distance
 from training.objectives.tscd import AdversarialReal
+from training.optim import OptimizerKind
 from training.teacher import load_teacher
 
 Method = Literal["tscd", "lcm"]
@@ -77,12 +82,18 @@ class DistillConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     # data
-    data: DataSource = "shapes"  # see training.data
-    data_path: str | None = None  # the folder (<stem>.png + .txt), .tar or .parquet file(s)
+    data: DataSource = "shapes"  # shapes | folder | webdataset | parquet | encoded: training.data
+    # the folder (<stem>.png + .txt), .tar or .parquet file(s), or the encoded folder
+    data_path: str | None = None
     image_column: str = "image"  # data=parquet: encoded bytes, or a struct with a bytes field
     caption_column: str = "text"  # data=parquet
     train_images: int = 20_000  # Shapes renders (data=shapes)
     resolution: int = 64
+    # aspect-ratio buckets of ~resolution² pixels (sides multiples of bucket_step, aspect ratio
+    # up to bucket_max_ratio; 1: square only); crop to the bucket: center | random
+    bucket_step: int = 64
+    bucket_max_ratio: float = 2.0
+    crop: Crop = "center"
     # LoRA
     lora_rank: int = 16
     lora_alpha: int = 16
@@ -114,8 +125,13 @@ class DistillConfig:
     # the discriminator's real class: data latents, or "teacher": the teacher trajectory's
     # x_{t_end} (the consistency target), so it judges the jump rather than the data's look
     adversarial_real: AdversarialReal = "data"
-    # memory / speed (weights stay fp32; autocast runs the networks in bf16)
+    # memory / speed: mixed_precision bf16 autocasts the networks; weight_dtype bf16 also stores
+    # the frozen weights (teacher, VAE, text encoders, the student's base) in bf16, which implies
+    # bf16 autocast; the LoRAs, heads and optimizer states stay fp32 (adamw8bit: 8-bit states,
+    # needs bitsandbytes). `hypersd-train tscd --config FILE --dry-run` estimates the memory.
     mixed_precision: MixedPrecision = "no"
+    weight_dtype: WeightDtype = "fp32"
+    optimizer: OptimizerKind = "adamw"
     gradient_checkpointing: bool = False
     # LCM baseline
     lcm_ddim_timesteps: int = 50
@@ -153,6 +169,7 @@ def distill_models(
         cfg.resolution,
         lora,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        weight_dtype=torch_dtype(cfg.weight_dtype),
         ema_target=True,
         discriminator_hidden=cfg.disc_hidden if with_discriminator else None,
     )
@@ -233,7 +250,8 @@ def run(cfg: DistillConfig, method: Method) -> dict[int, Path]:
     torch.manual_seed(cfg.seed)
     if method == "lcm":
         cfg = replace(cfg, stages=(1,))
-    accelerator, device = make_accelerator(cfg.device, cfg.mixed_precision)
+    precision = compute_precision(cfg.weight_dtype, cfg.mixed_precision)
+    accelerator, device = make_accelerator(cfg.device, precision)
     main = accelerator.is_main_process
     out = Path(cfg.out_dir)
     if main:
@@ -249,7 +267,13 @@ def run(cfg: DistillConfig, method: Method) -> dict[int, Path]:
     if pending:
         pipe = load_teacher(cfg.teacher, cfg.registry)
         models = distill_models(cfg, pipe, device, cfg.adversarial and method == "tscd")
-        data = load_data(cfg, pipe, device, write_cache=main)
+        data = TrainingData(
+            cfg,
+            cfg.batch_size,
+            accelerator.process_index,
+            accelerator.num_processes,
+            vae_factor(pipe.vae),
+        )
         for index in pending:
             k = cfg.stages[index]
             if not train_stage(cfg, method, index, models, data, device, log, accelerator):
@@ -282,8 +306,17 @@ def _main(method: Method, argv: list[str]) -> int:
         action="store_true",
         help="export the LoRA of the unfinished stage's last checkpoint now, then exit",
     )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the per-process memory estimate (no weights or data loaded), then exit",
+    )
+    parser.add_argument("--architecture", choices=["sd15", "sdxl"], help="for --dry-run")
     args = parser.parse_args(argv)
     cfg = load_config(DistillConfig, args.config, args.overrides)
+    if args.dry_run:
+        print(distill_estimate(cfg, method, args.architecture).table())
+        return 0
     if args.export_checkpoint:
         export_checkpoint(cfg, method)
         return 0

@@ -1,6 +1,6 @@
 """One stage of TSCD or LCM distillation (``training.distill``): its start, loop and checkpoint.
 
-``train_stage`` is the loop, one optimisation step at a time: a batch of cached latents, the
+``train_stage`` is the loop, one optimisation step at a time: a batch of latents, the
 student's step (``student_step``: the consistency distance, plus TSCD's adversarial generator
 loss, then the EMA target), the discriminator heads' step (``discriminator_step``), then the
 log, the checkpoint (``save_stage``) and the sample grids. Under ``accelerate launch`` every
@@ -24,6 +24,7 @@ from hypersd.shapes import fixed_captions
 from training.base import RunLog
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import config_to_dict
+from training.data import TrainingData, batch_latents
 from training.distributed import average_gradients, mean_over_processes, process_seed
 from training.lora_export import load_lora_into, read_lora
 from training.models import Models, lora_parameters
@@ -36,6 +37,7 @@ from training.objectives.tscd import (
     tscd_losses,
     tscd_predict,
 )
+from training.optim import make_optimizer
 from training.sampling import Sampler, sample_grid_from
 from training.schedule import lr_factor
 
@@ -142,7 +144,7 @@ def start_stage(
         load_lora_into(models.student, read_lora(start))
         accelerator.print(f"{folder.name}: LoRA initialised from {start}")
     ema_update(target_params, student_params, 0.0)  # target = student at the stage's start
-    optimizer = torch.optim.AdamW(student_params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = make_optimizer(student_params, cfg.optimizer, cfg.lr)
     weight = adversarial_weight(k) * cfg.adversarial_scale if method == "tscd" else 0.0
     heads, disc_optimizer = None, None
     if models.discriminator is not None and weight > 0:
@@ -151,7 +153,9 @@ def start_stage(
             for layer in head.modules():
                 if isinstance(layer, nn.Conv2d | nn.GroupNorm):
                     layer.reset_parameters()
-        disc_optimizer = torch.optim.AdamW(heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
+        disc_optimizer = make_optimizer(  # torch AdamW's default weight decay, 0.01
+            heads.parameters(), cfg.optimizer, cfg.disc_lr, weight_decay=0.01, betas=(0.0, 0.99)
+        )
     stage = Stage(
         method=method,
         k=k,
@@ -308,7 +312,7 @@ def train_stage(
     method: Method,
     index: int,
     models: Models,
-    data: tuple[torch.Tensor, list[str]],
+    data: TrainingData,
     device: torch.device,
     log: RunLog,
     accelerator: Accelerator,
@@ -319,18 +323,19 @@ def train_stage(
     the main process logs, checkpoints and samples.
     """
     main = accelerator.is_main_process
-    latents, captions = data
     # 1. the stage's LoRA, target, optimizers and discriminator heads; its checkpoint resumed
     stage, start = start_stage(cfg, method, index, models, accelerator)
     total, name = stage.total_steps, stage.folder.name
-    # 2. the loop's inputs: the empty caption (CFG), its random sources, the grid's captions
-    empty = models.encode([""])
-    seed = loop_seed(cfg, stage.k, start, accelerator.process_index)
-    # noise on the training device; batch indices on the CPU, where the cached latents are
-    generator = torch.Generator(device).manual_seed(seed)
-    cpu_generator = torch.Generator().manual_seed(seed)
+    # 2. the loop's inputs: the batches (their order drawn from the stage and start step, so
+    # that a resumed run draws anew), the noise's generator, the grid's captions
+    batches = data.batches(loop_seed(cfg, stage.k, start, 0))
+    generator = torch.Generator(device).manual_seed(
+        loop_seed(cfg, stage.k, start, accelerator.process_index)
+    )
     sample_captions = (
-        fixed_captions(cfg.sample_count) if cfg.data == "shapes" else captions[: cfg.sample_count]
+        fixed_captions(cfg.sample_count)
+        if cfg.data == "shapes"
+        else data.first_captions(cfg.sample_count)
     )
     stop_at = start + cfg.stop_after if cfg.stop_after else None
     progress = tqdm(range(start, total), desc=name, initial=start, total=total, disable=not main)
@@ -342,11 +347,18 @@ def train_stage(
                 save_stage(cfg, stage, step)
             accelerator.print(f"{name}: stopped at step {step} (stop_after); rerun to resume")
             return False
-        # 3. a batch of latents and captions (the frozen text encoders run here)
-        batch_index = torch.randint(0, len(captions), (cfg.batch_size,), generator=cpu_generator)
-        batch = latents[batch_index].to(device)
+        # 3. a batch of latents and its conditioning (the frozen VAE and text encoders run
+        # here, unless pre-encoded); SDXL's time ids are each sample's size and crop, and its
+        # unconditional input (CFG) is zeros with the same ids, as SDXL's pipeline makes them
+        train_batch = next(batches)
+        batch = batch_latents(train_batch, models.pipe.vae, device)
+        micro = train_batch.micro_conditions
         with torch.no_grad():
-            text = models.encode([captions[i] for i in batch_index.tolist()])
+            if train_batch.text is not None:
+                text = models.encode.condition(train_batch.text, micro)
+            else:
+                text = models.encode(train_batch.captions, micro)
+            empty = models.encode.unconditional(micro)
         # 4. the learning rate: linear warm-up, then constant (the LCM scripts' schedule)
         for group in stage.optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from training.devices import resolve_device
+from training.devices import WeightDtype, resolve_device
 
 MixedPrecision = Literal["no", "bf16"]
 
@@ -39,6 +39,16 @@ def make_accelerator(
     if accelerator.num_processes > 1:
         device = accelerator.device
     return accelerator, device
+
+
+def compute_precision(weight_dtype: WeightDtype, mixed_precision: MixedPrecision) -> MixedPrecision:
+    """The autocast a run needs: bf16 whenever the frozen weights are bf16 (their layers take
+    fp32 inputs only under autocast), else ``mixed_precision``."""
+    if weight_dtype == "bf16":
+        return "bf16"
+    if weight_dtype != "fp32":
+        raise ValueError(f"weight_dtype must be one of fp32, bf16; got {weight_dtype!r}")
+    return mixed_precision
 
 
 def process_seed(seed: int, rank: int) -> int:

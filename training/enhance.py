@@ -17,6 +17,12 @@ anchor MSE and the feedback rewards on its decoded output. Options: DMD2's GAN t
 (``gan_weight``: heads over the fake score's features, rendered scenes as the real class), and
 a 2-step student (``dmd_steps``: sampled, with grad, in its own DDIM-trailing schedule).
 
+Several GPUs or nodes: the same command under ``accelerate launch`` trains data-parallel, as
+TSCD does (``training.distill``): each process takes its own prompts (global batch index
+``step x processes + rank``) and noise, the new LoRA's gradients (and the fake score's and GAN
+heads') are averaged over processes every step, and only the main process logs, checkpoints
+and exports.
+
 One stage (``out_dir``), resumable at any checkpoint:
   1. models: teacher (frozen), student = teacher + fused start LoRAs + a new LoRA,
      (DMD) fake score = teacher + its own LoRA, the reward networks
@@ -44,12 +50,15 @@ from hypersd.lora import fuse_loras
 from hypersd.registry import LoraSpec
 from hypersd.shapes import fixed_captions
 from training.config import config_to_dict, load_config
-from training.devices import resolve_device, to_device
-from training.distributed import MixedPrecision
+from training.devices import WeightDtype, to_device, torch_dtype
+from training.distributed import MixedPrecision, compute_precision, make_accelerator
 from training.enhance_loop import train
+from training.instance_structure import is_instance_segmenter
 from training.lora_export import export_lora, lora_state_dict, registry_entry, save_peft_lora
+from training.memory import enhance_estimate
 from training.models import Models, build_models
 from training.objectives.adversarial import GanLoss
+from training.optim import OptimizerKind
 from training.rewards import RewardKind
 from training.sampling import Sampler, sample_grid_from
 from training.schedule import LrSchedule
@@ -76,7 +85,8 @@ class EnhanceConfig:
     seed: int = 0
     device: str = "auto"
     threads: int = 0
-    # prompts: Shapes scenes (rendered, for the structure loss), or a text file, one per line
+    # prompts: None for Shapes scenes (rendered, for the structure loss), a text file (one per
+    # line), or a folder written by hypersd-train encode (its captions): training.data.next_batch
     prompts: str | None = None
     # the new LoRA
     lora_rank: int = 8
@@ -106,6 +116,11 @@ class EnhanceConfig:
     structure_weight: float = 1.0
     segmentation_path: str = "models/shapes-segmentation"
     structure_window: tuple[int, ...] = (100, 700)
+    # on prompts, with a Mask2Former folder as segmentation_path: the student's x̂0 against the
+    # teacher's sample of the same prompts and noise (training.instance_structure)
+    structure_teacher_steps: int = 8
+    structure_guidance: float = 5.0
+    structure_threshold: float = 0.5
     anchor_weight: float = 1.0  # MSE to the anchor's x̂0 (latents)
     # DMD's anchor: by default the starting model's own 1-step output; with anchor_loras, the
     # output of base + these LoRAs sampled from the same noise in anchor_steps DDIM-trailing
@@ -134,8 +149,13 @@ class EnhanceConfig:
     gan_disc_weight: float = 1e-2
     gan_loss: GanLoss = "non-saturating"  # DMD2's softplus pair, or hinge
     gan_hidden: int = 64  # the width of each head's hidden conv
-    # memory / speed (weights stay fp32; autocast runs the networks in bf16)
+    # memory / speed: mixed_precision bf16 autocasts the networks; weight_dtype bf16 also stores
+    # the frozen weights (teacher, VAE, text encoders, the student's, fake score's and anchor's
+    # base layers) in bf16, which implies bf16 autocast; the LoRAs, heads and optimizer states
+    # stay fp32 (adamw8bit: 8-bit states, needs bitsandbytes). --dry-run estimates the memory.
     mixed_precision: MixedPrecision = "no"
+    weight_dtype: WeightDtype = "fp32"
+    optimizer: OptimizerKind = "adamw"
     gradient_checkpointing: bool = False
     # bookkeeping
     log_every: int = 10
@@ -195,6 +215,7 @@ def enhance_models(cfg: EnhanceConfig, method: Method, device: torch.device) -> 
         student_lora,
         student=student,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        weight_dtype=torch_dtype(cfg.weight_dtype),
         fake_score_lora=fake_score_lora,
         gan_hidden=cfg.gan_hidden if fake_score_lora is not None and cfg.gan_weight > 0 else None,
         anchor=anchor,
@@ -259,8 +280,12 @@ def run(cfg: EnhanceConfig, method: Method) -> Path | None:
     """Train (or resume) the stage and export it; returns the LoRA file, None if stopped early."""
     if method not in ("feedback", "dmd"):
         raise ValueError(f"method must be 'feedback' or 'dmd', got {method!r}")
-    if cfg.prompts is not None and cfg.structure_weight > 0:
-        print("structure loss off: it needs rendered Shapes scenes, not a prompts file")
+    if (
+        cfg.prompts is not None
+        and cfg.structure_weight > 0
+        and not is_instance_segmenter(cfg.segmentation_path)
+    ):
+        print("structure loss off: on a prompts file it needs a Mask2Former segmentation_path")
         cfg = replace(cfg, structure_weight=0.0)
     if cfg.anchor_steps < 1 or cfg.dmd_steps < 1:
         raise ValueError("anchor_steps and dmd_steps must be >= 1")
@@ -278,21 +303,35 @@ def run(cfg: EnhanceConfig, method: Method) -> Path | None:
     if (out / "lora.safetensors").exists():
         print(f"{method}: already done ({lora_file})")
         return lora_file
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    precision = compute_precision(cfg.weight_dtype, cfg.mixed_precision)
+    accelerator, device = make_accelerator(cfg.device, precision)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
     models = enhance_models(cfg, method, device)
-    if not train(cfg, method, models, device):
-        return None
-    print(export(cfg, method, models))
-    return lora_file
+    finished = train(cfg, method, models, device, accelerator)
+    if finished and accelerator.is_main_process:
+        print(export(cfg, method, models))
+    # every process returns once the main one has written the LoRA
+    accelerator.wait_for_everyone()
+    return lora_file if finished else None
 
 
 def _main(method: Method, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog=f"hypersd-train {method}", description=__doc__)
     parser.add_argument("--config", help="YAML file of EnhanceConfig keys")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the per-process memory estimate (no weights or data loaded), then exit",
+    )
+    parser.add_argument("--architecture", choices=["sd15", "sdxl"], help="for --dry-run")
     args = parser.parse_args(argv)
     cfg = load_config(EnhanceConfig, args.config, args.overrides)
+    if args.dry_run:
+        print(enhance_estimate(cfg, method, args.architecture).table())
+        return 0
     path = run(cfg, method)
     if path is not None:
         print(f"{method}: {path}")

@@ -4,7 +4,8 @@
 (``training.data.next_batch``), DMD's fake-score updates (``fake_score_step``, with DMD2's GAN
 heads when on), the student's loss terms (``student_losses``: the feedback rewards, the anchor
 MSE, DMD's distribution matching, the GAN term and the structure loss) and update, then the log
-and the checkpoint.
+and the checkpoint. Under ``accelerate launch`` every process runs it on its own prompts, with
+the gradients averaged (``training.distributed``); only the main process logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast
 from torch import Tensor
 from tqdm import tqdm
 
@@ -22,6 +25,13 @@ from training.base import RunLog
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import config_to_dict
 from training.data import Batch, next_batch
+from training.distributed import average_gradients, mean_over_processes, process_seed
+from training.instance_structure import (
+    InstanceSegmenter,
+    is_instance_segmenter,
+    load_instance_segmenter,
+    real_structure_loss,
+)
 from training.models import Models, lora_parameters
 from training.objectives.dmd import (
     dmd_losses,
@@ -39,6 +49,7 @@ from training.objectives.feedback import (
     structure_loss,
 )
 from training.objectives.solvers import x0_from_epsilon
+from training.optim import make_optimizer
 from training.rewards import RewardSpec, load_reward
 from training.sampling import adapters_off, sample_x0, trailing_timesteps
 from training.schedule import lr_factor
@@ -54,6 +65,7 @@ class Rewards:
 
     terms: list[RewardTerm]
     segmentation: SegmentationFn | None
+    instance: InstanceSegmenter | None = None  # on prompts: training.instance_structure
 
 
 def load_rewards(cfg: EnhanceConfig, device: torch.device) -> Rewards:
@@ -78,13 +90,15 @@ def load_rewards(cfg: EnhanceConfig, device: torch.device) -> Rewards:
         reward_fn = load_reward(spec, device)
         if reward_fn is not None:
             terms.append(RewardTerm(name, reward_fn, spec.weight, spec.margin))
-    segmentation = None
+    segmentation = instance = None
     if cfg.structure_weight > 0:
-        if Path(cfg.segmentation_path).exists():
+        if is_instance_segmenter(cfg.segmentation_path):
+            instance = load_instance_segmenter(cfg.segmentation_path, device)
+        elif Path(cfg.segmentation_path).exists():
             segmentation = load_segmentation_model(cfg.segmentation_path, device)
         else:
             print(f"structure loss skipped: no segmentation network at {cfg.segmentation_path}")
-    return Rewards(terms, segmentation)
+    return Rewards(terms, segmentation, instance)
 
 
 def student_schedule(cfg: EnhanceConfig, num_train_timesteps: int) -> tuple[int, ...]:
@@ -149,7 +163,8 @@ def student_losses(
         terms["gan"] = gan["loss"]
         terms["gan_logit"] = gan["fake_logit"]
     terms["anchor"] = F.mse_loss(x0.float(), x0_start.float())
-    feedback = feedback_losses(latents_to_images(vae, x0), batch.captions, rewards.terms)
+    images = latents_to_images(vae, x0)
+    feedback = feedback_losses(images, batch.captions, rewards.terms)
     terms |= {k: v for k, v in feedback.items() if k != "loss"}
     loss = feedback["loss"] + cfg.anchor_weight * terms["anchor"]
     if "dmd" in terms:
@@ -167,6 +182,21 @@ def student_losses(
         )
         terms["structure"] = structure["loss"]
         loss = loss + cfg.structure_weight * structure["loss"]
+    if rewards.instance is not None:  # prompts: against the teacher's image, same noise
+        terms |= real_structure_loss(
+            images,
+            noise,
+            text,
+            empty,
+            teacher=models.teacher,
+            vae=vae,
+            alphas_cumprod=alphas,
+            segmenter=rewards.instance,
+            teacher_steps=cfg.structure_teacher_steps,
+            guidance=cfg.structure_guidance,
+            score_threshold=cfg.structure_threshold,
+        )
+        loss = loss + cfg.structure_weight * terms["structure"]
     terms["loss"] = loss
     return terms
 
@@ -179,10 +209,12 @@ def fake_score_step(
     text: Tensor,
     autocast: torch.autocast,
     generator: torch.Generator,
+    accelerator: Accelerator,
 ) -> dict[str, float]:
     """DMD's fake score catches up with the student: ``fake_updates`` steps of its diffusion
     loss on the student's current outputs (made without grad: the student stays put); with the
-    GAN term, the heads' loss on the batch's renders against those outputs is added (DMD2)."""
+    GAN term, the heads' loss on the batch's renders against those outputs is added (DMD2).
+    Each update's gradients are averaged over processes."""
     assert models.fake_score is not None
     alphas = models.alphas_cumprod
     schedule = student_schedule(cfg, alphas.shape[0])
@@ -212,17 +244,38 @@ def fake_score_step(
                 values |= {f"disc/{key}": value for key, value in gan.items()}
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(accelerator, optimizer_params(optimizer))
         optimizer.step()
     return {key: float(value.detach()) for key, value in values.items()}
 
 
-def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.device) -> bool:
-    """Train the stage to its end; False if stopped early by ``stop_after``."""
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    """The parameters ``optimizer`` steps, in its groups' order."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def train(
+    cfg: EnhanceConfig,
+    method: Method,
+    models: Models,
+    device: torch.device,
+    accelerator: Accelerator,
+) -> bool:
+    """Train the stage to its end; False if stopped early by ``stop_after``.
+
+    Under a launcher every process runs this with its own prompts and noise
+    (``average_gradients``); only the main process logs and checkpoints.
+    """
     out = Path(cfg.out_dir)
+    main, rank, world = (
+        accelerator.is_main_process,
+        accelerator.process_index,
+        accelerator.num_processes,
+    )
     # 1. the rewards, the optimizers (the new LoRA's; DMD: the fake score's), a checkpoint resumed
     rewards = load_rewards(cfg, device)
     student_params = lora_parameters(models.student)
-    optimizer = torch.optim.AdamW(student_params, lr=cfg.lr, weight_decay=0.0)
+    optimizer = make_optimizer(student_params, cfg.optimizer, cfg.lr)
     modules: dict[str, torch.nn.Module] = {"lora": torch.nn.ParameterList(student_params)}
     optimizers: dict[str, torch.optim.Optimizer] = {"student": optimizer}
     fake_optimizer = None
@@ -232,16 +285,21 @@ def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.devi
         if models.discriminator is not None:  # DMD2: the GAN heads learn with the fake score
             modules["gan_heads"] = models.discriminator.heads
             fake_params = fake_params + list(models.discriminator.heads.parameters())
-        fake_optimizer = torch.optim.AdamW(fake_params, lr=cfg.fake_lr, weight_decay=0.0)
+        fake_optimizer = make_optimizer(fake_params, cfg.optimizer, cfg.fake_lr)
         optimizers["fake"] = fake_optimizer
     step = 0
     checkpoint = out / "checkpoint"
     if (checkpoint / "state.json").exists():
         step = load_checkpoint(checkpoint, modules=modules, optimizers=optimizers)["step"]
-        print(f"{method}: resumed from {checkpoint} at step {step}")
+        accelerator.print(f"{method}: resumed from {checkpoint} at step {step}")
+    if world > 1:
+        # what DDP does on wrapping: every process starts from the main process's weights
+        broadcast([p.data for module in modules.values() for p in module.parameters()])
 
     def save(done: int) -> None:
-        """The stage's checkpoint after ``done`` student updates."""
+        """The stage's checkpoint after ``done`` student updates (the main process's)."""
+        if not main:
+            return
         save_checkpoint(
             checkpoint,
             step=done,
@@ -251,28 +309,36 @@ def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.devi
             extra={"method": method},
         )
 
-    # 2. the loop's inputs: the empty caption (DMD's CFG), the random source, autocast
+    # 2. the loop's inputs: the empty caption (DMD's CFG), the random source (per process,
+    # rank 0 keeping the single-process seed), autocast (cfg's precision: bf16 or none)
     log = RunLog(out / "log.jsonl")
-    empty = models.encode([""])
-    generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + step)
+    empty = models.encode.unconditional()  # SDXL: zeros, as its pipeline (teacher.py)
+    generator = torch.Generator(device).manual_seed(process_seed(cfg.seed * 1000 + step, rank))
     stop_at = step + cfg.stop_after if cfg.stop_after else None
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
-    progress = tqdm(range(step, cfg.steps), desc=method, initial=step, total=cfg.steps)
+    autocast = torch.autocast(
+        device.type, torch.bfloat16, enabled=accelerator.mixed_precision == "bf16"
+    )
+    progress = tqdm(
+        range(step, cfg.steps), desc=method, initial=step, total=cfg.steps, disable=not main
+    )
     for step in progress:
         # stop_after: this call ends here, leaving a checkpoint the next one resumes from
         if stop_at is not None and step >= stop_at:
             progress.close()
             save(step)
-            print(f"{method}: stopped at step {step} (stop_after); rerun to resume")
+            accelerator.print(f"{method}: stopped at step {step} (stop_after); rerun to resume")
             return False
-        # 3. this step's prompts (Shapes: with their renders' latents and true masks)
-        batch = next_batch(cfg, step, models.pipe.vae, device)
+        # 3. this step's prompts, this process's share of the global batch (Shapes: with their
+        # renders' latents and true masks)
+        batch = next_batch(cfg, step, models.pipe.vae, device, rank, world)
         with torch.no_grad():
             text = models.encode(batch.captions)
         values: dict[str, float] = {}
         # 4. (DMD) the fake score catches up with the student's current outputs
         if fake_optimizer is not None:
-            values |= fake_score_step(cfg, models, fake_optimizer, batch, text, autocast, generator)
+            values |= fake_score_step(
+                cfg, models, fake_optimizer, batch, text, autocast, generator, accelerator
+            )
         # 5. the student's update: linear warm-up, then constant or cosine learning rate
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(
@@ -286,13 +352,16 @@ def train(cfg: EnhanceConfig, method: Method, models: Models, device: torch.devi
             losses = student_losses(cfg, method, models, rewards, batch, text, empty, generator)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
+        average_gradients(accelerator, student_params)
         torch.nn.utils.clip_grad_norm_(student_params, cfg.grad_clip)
         optimizer.step()
         values |= {f"student/{key}": float(v.detach()) for key, v in losses.items()}
-        # 6. log, checkpoint
+        # 6. log (the global batch's losses), checkpoint
         if step % cfg.log_every == 0 or step + 1 == cfg.steps:
+            values = mean_over_processes(accelerator, values, device)
             progress.set_postfix(loss=f"{values['student/loss']:.4f}")
-            log.write(method, step, values)
+            if main:
+                log.write(method, step, values)
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             save(step + 1)
     return True

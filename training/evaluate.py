@@ -29,6 +29,9 @@ Other sources of images (``training.image_sources``), for the same report:
   ``AutoencoderKL`` (encode, decode). This gates the VAE: a diffusion model
   cannot be more correct than its decoder's reconstructions.
 
+A real model on a prompts file (``--prompts FILE``: CLIP score, LAION aesthetic, ImageReward,
+PickScore and FID at 1/2/4/8 steps, the paper's table) is ``training.evaluate_real``.
+
 The core (``adherence``, ``attribute_accuracy``, ``frechet_distance``,
 ``evaluate_images``) is pure and needs no diffusion model.
 """
@@ -410,7 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--prompts" or a.startswith("--prompts=") for a in arguments):
+        # a real model on a prompts file: CLIP score, aesthetic, ImageReward, PickScore, FID
+        from training.evaluate_real import main as evaluate_real
+
+        return evaluate_real(arguments)
+    args = build_parser().parse_args(arguments)
     if args.reference == "reconstructions" and not args.vae:
         print("--reference reconstructions needs --vae PATH", file=sys.stderr)
         return 2

@@ -10,12 +10,12 @@ torch generator in the same order every run.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from hypersd.lora import SDPipeline
@@ -23,7 +23,7 @@ from hypersd.pipeline import build_scheduler
 from hypersd.recipes import RECIPES
 from training.devices import to_device
 from training.objectives.adversarial import TeacherFeatureDiscriminator
-from training.teacher import build_encoder
+from training.teacher import TextEncoder, build_encoder
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Models:
     pipe: SDPipeline  # the base pipeline: text encoders, VAE and the frozen teacher UNet
     teacher: UNet2DConditionModel
     student: UNet2DConditionModel  # frozen weights, plus the LoRA the stage trains
-    encode: Callable[[list[str]], torch.Tensor]  # captions -> every network's conditioning
+    encode: TextEncoder  # captions (+ SDXL's sizes, crops) -> every network's conditioning
     # the served sampler's DDIM algebra: its ᾱ table and its ᾱ at the clean end
     alphas_cumprod: torch.Tensor
     final_alpha_cumprod: float
@@ -57,6 +57,7 @@ def build_models(
     *,
     student: UNet2DConditionModel | None = None,
     gradient_checkpointing: bool = False,
+    weight_dtype: torch.dtype = torch.float32,
     ema_target: bool = False,
     discriminator_hidden: int | None = None,
     fake_score_lora: LoraConfig | None = None,
@@ -71,7 +72,12 @@ def build_models(
         resolution: the training images' side (SDXL's size conditioning).
         student_lora: the student's new LoRA; its ``init_lora_weights`` is the stage's choice.
         student: the student's frozen base UNet; None: a copy of the teacher.
-        gradient_checkpointing: trade the student's activations memory for recomputation.
+        gradient_checkpointing: trade activation memory for recomputation in every network
+            that gradients flow through: the student, the teacher under TSCD's discriminator
+            heads, the fake score (DMD), the VAE's decoder (the feedback rewards).
+        weight_dtype: the frozen weights' dtype (text encoders, VAE, teacher, the student's
+            and fake score's base layers, the anchor); the LoRAs and heads stay fp32. bf16
+            needs the networks run under bf16 autocast.
         ema_target: add ``target``, a copy of the student (TSCD and LCM).
         discriminator_hidden: add TSCD's discriminator heads of this width over the teacher.
         fake_score_lora: add DMD's ``fake_score``, a copy of the teacher with this LoRA.
@@ -80,14 +86,20 @@ def build_models(
         anchor: DMD's regression target network, built by the caller; given the conditioning.
     """
     pipe.set_progress_bar_config(disable=True)
+    # fp32: the weights stay as loaded (and diffusers does not warn about a dtype cast)
+    dtype = None if weight_dtype == torch.float32 else weight_dtype
     for component in ("vae", "text_encoder", "text_encoder_2", "unet"):
         module = getattr(pipe, component, None)
         if module is not None:
-            to_device(module.requires_grad_(False), device).eval()
+            to_device(module.requires_grad_(False), device, dtype).eval()
+    if gradient_checkpointing:
+        # the feedback rewards decode the student's x̂0 with grad (no effect where it has none)
+        pipe.vae.enable_gradient_checkpointing()
     teacher = pipe.unet
     student = copy.deepcopy(teacher) if student is None else student
-    student = to_device(student.requires_grad_(False), device)
+    student = to_device(student.requires_grad_(False), device, dtype)
     student.add_adapter(student_lora)
+    cast_training_params(student, torch.float32)  # the LoRA trains in fp32 over bf16 weights
     target = copy.deepcopy(student).requires_grad_(False) if ema_target else None
     if gradient_checkpointing:
         student.enable_gradient_checkpointing()
@@ -97,10 +109,19 @@ def build_models(
         # DMD2 starts the fake score at the teacher: a LoRA (B = 0) on a copy of it
         fake_score = copy.deepcopy(teacher).requires_grad_(False)
         fake_score.add_adapter(fake_score_lora)
+        cast_training_params(fake_score, torch.float32)
+        if gradient_checkpointing:
+            fake_score.enable_gradient_checkpointing()
         fake_score.train()
+    if anchor is not None:
+        to_device(anchor, device, dtype)
     encode = build_encoder(pipe, device, resolution, (teacher, student, target, fake_score, anchor))
     discriminator = None
     if discriminator_hidden is not None:
+        if gradient_checkpointing:
+            # the student's adversarial loss backpropagates through the teacher to its input;
+            # checkpointing acts only where grad is on, so its ε_φ calls stay as they were
+            teacher.enable_gradient_checkpointing()
         discriminator = to_device(
             TeacherFeatureDiscriminator(teacher, discriminator_hidden), device
         )

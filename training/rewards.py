@@ -12,9 +12,12 @@ Every reward is ``r(images, captions) -> (N,)``, differentiable in the images, w
   (a local ``transformers`` folder) and the predictor's MLP as ``.safetensors``, keys as in the
   original ``sac+logos+ava1-l14-linearMSE.pth`` (``layers.0.weight`` ...; convert that file once
   with ``safetensors.torch.save_file(torch.load(...))`` on a machine you trust).
-- ``imagereward``: not loadable here. ImageReward's weights are published only as a pickle
-  (``ImageReward.pt``) and this project loads safetensors only; the loader says so and the stage
-  runs without it.
+- ``imagereward``: ImageReward (``training.imagereward``), from the folder that
+  ``hypersd-train convert-imagereward`` writes once from the released ``ImageReward.pt``
+  (safetensors only at training time). Scores are normalised (about -2 .. 2).
+- ``pickscore``: a CLIP preference model, PickScore or HPS v2 saved as a ``transformers``
+  ``CLIPModel`` folder (``training.preference``): ``logit_scale · cos(image, caption)``
+  (PickScore: about 18-23).
 
 A reward whose weights are missing is skipped with a printed reason, never silently.
 """
@@ -34,7 +37,9 @@ from torch import Tensor, nn
 
 from training.objectives.feedback import RewardFn
 
-RewardKind = Literal["shapes-alignment", "shapes-aesthetic", "laion-aesthetic", "imagereward"]
+RewardKind = Literal[
+    "shapes-alignment", "shapes-aesthetic", "laion-aesthetic", "imagereward", "pickscore"
+]
 REWARD_KINDS: tuple[RewardKind, ...] = typing.get_args(RewardKind)
 
 # CLIP's image normalisation (openai/CLIP, transformers' CLIPImageProcessor defaults)
@@ -48,7 +53,8 @@ class RewardSpec:
 
     Args:
         kind: one of ``REWARD_KINDS``.
-        path: its weights (a folder; for ``laion-aesthetic`` the CLIP folder).
+        path: its weights (a folder; for ``laion-aesthetic`` the CLIP folder, for
+            ``imagereward`` the converted folder, for ``pickscore`` the CLIPModel folder).
         weight: the term's weight in the loss.
         margin: ReFL's α: an image whose reward reaches it costs nothing.
         head: ``laion-aesthetic`` only: the MLP's ``.safetensors`` file.
@@ -123,12 +129,6 @@ def load_reward(spec: RewardSpec, device: torch.device) -> RewardFn | None:
     if spec.kind not in REWARD_KINDS:
         raise ValueError(f"reward kind must be one of {', '.join(REWARD_KINDS)}, got {spec.kind!r}")
     path = Path(spec.path)
-    if spec.kind == "imagereward":
-        print(
-            "reward imagereward skipped: its weights exist only as a pickle (ImageReward.pt) and "
-            "hypersd loads safetensors only"
-        )
-        return None
     if not path.exists():
         print(f"reward {spec.kind} skipped: no weights at {path}")
         return None
@@ -140,6 +140,20 @@ def load_reward(spec: RewardSpec, device: torch.device) -> RewardFn | None:
         from training.aesthetic import load_aesthetic_model
 
         return load_aesthetic_model(path, device).reward
+    if spec.kind == "imagereward":
+        from training.imagereward import load_imagereward
+
+        if not (path / "model.safetensors").exists():
+            print(
+                f"reward imagereward skipped: no model.safetensors in {path} (ImageReward.pt "
+                "is a pickle: convert it once with hypersd-train convert-imagereward)"
+            )
+            return None
+        return load_imagereward(path, device)
+    if spec.kind == "pickscore":
+        from training.preference import load_clip_preference
+
+        return load_clip_preference(path, device)
     if spec.head is None or not Path(spec.head).exists():
         print(f"reward laion-aesthetic skipped: no MLP head .safetensors at {spec.head}")
         return None

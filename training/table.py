@@ -142,13 +142,19 @@ def cell_key(row: Row, steps: int) -> str:
     return f"{row.models[steps]}-{steps}step-g{guidance}-eta{eta}"
 
 
+# Registry fields that change how a model is served, never its eager images.
+_SERVING_ONLY = {"backend", "static_shapes", "strict", "precision", "batch_sizes"}
+
+
 def model_fingerprint(cfg: TableConfig, model: str) -> str:
     """What a cached cell was measured on: the registry entry and the size and time of each of
     its weight files, so a retrained LoRA under the same name is measured again."""
     spec = load_registry(cfg.registry).get(model)
     files = [spec.path, spec.unet, *(lora.path for lora in spec.loras)]
     stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f and f.is_file()]
-    entry = spec.model_dump(mode="json")
+    # Cells are generated eager (`generate_with_registry`): how the model is served is no part
+    # of what was measured, so changing its backend does not re-measure the table.
+    entry = spec.model_dump(mode="json", exclude=_SERVING_ONLY)
     return hashlib.sha1(json.dumps([entry, stats], sort_keys=True).encode()).hexdigest()[:16]
 
 

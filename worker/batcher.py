@@ -12,6 +12,7 @@ why the pipeline never runs in two threads at once.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -22,6 +23,8 @@ from typing import Generic, TypeVar
 
 Request = TypeVar("Request")
 Output = TypeVar("Output")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ class MicroBatcher(Generic[Request, Output]):
             images than this still runs, alone.
         max_wait_ms: How long the first job of a batch waits for company. Jobs that arrive while
             a batch runs need no wait: they are already there when the next batch forms.
-        on_batch: Called with the key and the size of every batch (for metrics).
+        on_batch: Called after every batch that ran with its key, its size (images) and its
+            duration in seconds (for metrics and the service-time estimates).
         in_flight: How many jobs the task slots hold now (taken, not finished), the ones already
             submitted included. A batch waits for company only while some of them are outside
             it: under load, the jobs other slots are finishing or about to submit. None: always
@@ -68,7 +72,7 @@ class MicroBatcher(Generic[Request, Output]):
         *,
         max_batch_size: int,
         max_wait_ms: float,
-        on_batch: Callable[[BatchKey, int], None] | None = None,
+        on_batch: Callable[[BatchKey, int, float], None] | None = None,
         in_flight: Callable[[], int] | None = None,
     ) -> None:
         self._run = run
@@ -147,6 +151,7 @@ class MicroBatcher(Generic[Request, Output]):
 
     def _run_group(self, group: list[_Item[Request, Output]]) -> None:
         requests = [request for item in group for request in item.requests]
+        started = time.perf_counter()
         try:
             outputs = list(self._run(group[0].key, requests))
         except Exception as error:
@@ -154,7 +159,10 @@ class MicroBatcher(Generic[Request, Output]):
                 item.future.set_exception(error)
             return
         if self._on_batch is not None:
-            self._on_batch(group[0].key, len(requests))
+            try:
+                self._on_batch(group[0].key, len(requests), time.perf_counter() - started)
+            except Exception:  # a report that failed (Redis down) must not lose the images
+                log.exception("reporting a batch of %s failed", group[0].key.model)
         start = 0
         for item in group:
             item.future.set_result(outputs[start : start + len(item.requests)])

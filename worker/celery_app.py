@@ -21,6 +21,7 @@ from prometheus_client import start_http_server
 from hypersd.registry import load_registry
 from jobs.liveness import Heartbeat
 from jobs.queue import TASK_NAME, CeleryQueue, create_celery, queue_name
+from jobs.service_time import RedisServiceTimes
 from jobs.settings import Settings
 from jobs.store import RedisJobStore
 from worker.runner import load_runner_from_settings
@@ -51,7 +52,13 @@ def run_worker(settings: Settings) -> None:
     client = redis.Redis.from_url(settings.redis_url)
     store = RedisJobStore(client, settings.job_ttl_s)
     worker_id = f"{spec.name}@{socket.gethostname()}.{os.getpid()}"
-    runner = load_runner_from_settings(spec, store, worker_id=worker_id, settings=settings)
+    runner = load_runner_from_settings(
+        spec,
+        store,
+        worker_id=worker_id,
+        settings=settings,
+        service_times=RedisServiceTimes(client),  # read by the gateways' SLA admission
+    )
     app = create_celery(settings)
 
     @app.task(name=TASK_NAME)

@@ -15,13 +15,17 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from hypersd.contracts import ErrorDetail, JobStatus
 from hypersd.registry import ModelSpec
+from jobs.png_text import png_text
+from jobs.progress import StepReporter
+from jobs.record import JobRecord
+from jobs.service_time import ServiceTimes
 from jobs.settings import Settings
 from jobs.states import finish, start
 from jobs.store import STORE_DOWN, JobStore, WorkerInfo
@@ -50,9 +54,19 @@ class Generated:
     timings: dict[str, float]
 
 
-def encode(image: PIL.Image.Image, output_format: str) -> bytes:
+def encode(
+    image: PIL.Image.Image, output_format: str, text: Mapping[str, str] | None = None
+) -> bytes:
+    """`image` as `output_format` bytes; a PNG carries `text` as text chunks (`jobs.png_text`)."""
+    from PIL.PngImagePlugin import PngInfo
+
     buffer = io.BytesIO()
-    image.save(buffer, format=_PIL_FORMATS[output_format])
+    info = None
+    if output_format == "png" and text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, value)  # iTXt: UTF-8, so any prompt survives
+    image.save(buffer, format=_PIL_FORMATS[output_format], pnginfo=info)
     return buffer.getvalue()
 
 
@@ -67,6 +81,8 @@ class JobRunner:
         max_batch_size: Most images per pipeline call.
         max_wait_ms: How long a batch's first job waits for company.
         job_timeout_s: A job still waiting for its batch after this long fails.
+        service_times: Where each batch's duration is reported (the gateway's SLA admission
+            reads it); None: not reported.
     """
 
     def __init__(
@@ -79,6 +95,7 @@ class JobRunner:
         max_batch_size: int,
         max_wait_ms: float,
         job_timeout_s: float,
+        service_times: ServiceTimes | None = None,
     ) -> None:
         self.generator = generator
         self.spec: ModelSpec = generator.spec
@@ -88,15 +105,18 @@ class JobRunner:
         self.job_timeout_s = job_timeout_s
         self._busy = 0
         self._busy_lock = threading.Lock()
+        self.service_times = service_times
+        self._job_of: dict[int, str] = {}  # id() of a queued ImageRequest -> its job (progress)
         self.batcher: MicroBatcher[ImageRequest, Generated] = MicroBatcher(
             self._run_batch,
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
-            on_batch=lambda key, size: metrics.BATCH_SIZE.labels(key.model).observe(size),
+            on_batch=self._on_batch,
             in_flight=lambda: self._busy,
         )
 
     def _run_batch(self, key: BatchKey, requests: list[ImageRequest]) -> list[Generated]:
+        job_ids = [self._job_of[id(r)] for r in requests if id(r) in self._job_of]
         result = self.generator.generate(
             requests,
             steps=key.steps,
@@ -104,8 +124,14 @@ class JobRunner:
             height=key.height,
             guidance_scale=key.guidance_scale,
             eta=key.eta,
+            on_step=StepReporter(self.store, job_ids, key.steps),
         )
         return [Generated(image, result.timings) for image in result.images]
+
+    def _on_batch(self, key: BatchKey, size: int, seconds: float) -> None:
+        metrics.BATCH_SIZE.labels(key.model).observe(size)
+        if self.service_times is not None:
+            self.service_times.observe(key.model, key.steps, size, seconds)
 
     def info(self) -> WorkerInfo:
         """This worker's heartbeat."""
@@ -175,9 +201,17 @@ class JobRunner:
             requests = [
                 ImageRequest(record.prompt, seed, record.negative_prompt) for seed in record.seeds
             ]
-            outputs = self.batcher.submit(key, requests).result(timeout=self.job_timeout_s)
+            self._job_of.update({id(request): job_id for request in requests})
+            try:
+                outputs = self.batcher.submit(key, requests).result(timeout=self.job_timeout_s)
+            finally:
+                for request in requests:
+                    self._job_of.pop(id(request), None)
             encode_start = time.perf_counter()
-            images = [encode(output.image, record.output_format) for output in outputs]
+            images = [
+                encode(output.image, record.output_format, png_text(record, seed))
+                for output, seed in zip(outputs, record.seeds, strict=True)
+            ]
             timings = {phase: outputs[0].timings[phase] for phase in _PHASES}
             timings["image_encoding"] = time.perf_counter() - encode_start
             timings["total"] = time.time() - record.started_at
@@ -188,12 +222,23 @@ class JobRunner:
                 steps = str(record.steps)
                 for phase, seconds in timings.items():
                     metrics.RUN_TIME.labels(record.model, steps, phase).observe(seconds)
+                self._calibrate(record)
         except FutureTimeout:
             message = f"the job did not finish within {self.job_timeout_s:g} s"
             self._fail(job_id, ErrorDetail(type="timeout", message=message))
         except Exception as exc:  # a failed job is reported on the job, not lost in a log
             log.exception("job %s failed", job_id)
             self._fail(job_id, ErrorDetail(type="generation_failed", message=str(exc)))
+
+    def _calibrate(self, record: JobRecord) -> None:
+        """Report a job admitted with a predicted finish: how far off the prediction was."""
+        if self.service_times is None or not record.predicted_s:
+            return
+        ratio = (time.time() - record.created_at) / record.predicted_s
+        try:
+            self.service_times.correct(record.model, ratio)
+        except STORE_DOWN as error:  # the job is done: a lost report must not fail it
+            log.warning("job %s: calibration not reported (%s)", record.id, error)
 
     def _fail(self, job_id: str, error: ErrorDetail) -> None:
         failed = finish(self.worker_id, JobStatus.FAILED, error=error)
@@ -215,6 +260,7 @@ def load_runner(
     job_timeout_s: float,
     device: str | None = None,
     torch_threads: int | None = None,
+    service_times: ServiceTimes | None = None,
 ) -> JobRunner:
     """Load and warm up `spec` in this process (never before a fork) and wrap it in a runner."""
     import torch
@@ -231,11 +277,15 @@ def load_runner(
     metrics.BACKEND.labels(spec.name, backend).set(1)
     if backend != spec.backend:
         metrics.BACKEND_FALLBACKS.labels(spec.name, spec.backend).inc()
+    artefact = generator.backend.artefact
+    # The start-up cost: a first start builds the backend's artefact, later ones load it.
+    source = "" if artefact is None else (", built" if generator.backend.built else ", cached")
     log.info(
-        "model %s loaded and warmed up in %.1f s on backend %s (pid %d)",
+        "model %s loaded and warmed up in %.1f s on backend %s%s (pid %d)",
         spec.name,
         seconds,
         backend,
+        source,
         os.getpid(),
     )
     return JobRunner(
@@ -246,11 +296,17 @@ def load_runner(
         max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms,
         job_timeout_s=job_timeout_s,
+        service_times=service_times,
     )
 
 
 def load_runner_from_settings(
-    spec: ModelSpec, store: JobStore, *, worker_id: str, settings: Settings
+    spec: ModelSpec,
+    store: JobStore,
+    *,
+    worker_id: str,
+    settings: Settings,
+    service_times: ServiceTimes | None = None,
 ) -> JobRunner:
     """`load_runner` sized by the deployment's settings: what a Celery worker and embedded mode
     both run."""
@@ -264,4 +320,5 @@ def load_runner_from_settings(
         job_timeout_s=settings.job_timeout_s,
         device=settings.device,
         torch_threads=settings.torch_threads,
+        service_times=service_times,
     )

@@ -8,6 +8,8 @@ per-request seeds and the micro-batcher stay exactly as they are with `eager`.
 - `onnxruntime`: ONNX exports run by ONNX Runtime (`hypersd.backends.ort`), built once per key
   into the artefact cache (`hypersd.backends.cache`) and loaded from it afterwards.
 - `compile`: `torch.compile` (`hypersd.backends.compiled`); Inductor caches its own kernels.
+- `tensorrt`: TensorRT engines built from the ONNX exports (`hypersd.backends.tensorrt`), keyed
+  by TensorRT's version and the GPU architecture as well; CUDA only.
 
 `install_backend` returns the backend actually in use: when a compiled one fails to build, load
 or run its first call, the pipeline's own modules are put back (with a logged warning), unless
@@ -25,15 +27,15 @@ import diffusers
 import torch
 
 # `ort` imports onnxruntime only when it runs, so this package loads where it is not installed.
-from hypersd.backends import cache, compiled, onnx_export, ort
+from hypersd.backends import cache, compiled, onnx_export, ort, tensorrt
 from hypersd.backends.onnx_export import Parity
 from hypersd.lora import SDPipeline
-from hypersd.registry import BACKENDS, ModelSpec
+from hypersd.registry import BACKENDS, ModelSpec, format_size
 
 log = logging.getLogger(__name__)
 
 # The backends that build an artefact (`build_artefact`, `hypersd build-engine`).
-ARTEFACT_BACKENDS = ("onnxruntime",)
+ARTEFACT_BACKENDS = ("onnxruntime", "tensorrt")
 # The pipeline attributes a backend may replace, restored when it fails.
 _SWAPPED = ("text_encoder", "text_encoder_2", "unet", "vae")
 
@@ -65,19 +67,96 @@ def onnxruntime_key(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -
         device: The pipeline's device.
         dtype: The pipeline's weight dtype.
     """
-    versions = {
-        "hypersd-export": f"{onnx_export.EXPORT_VERSION}, opset {onnx_export.OPSET}",
-        "onnxruntime": ort.version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-    }
     return cache.artefact_key(
         spec,
         backend="onnxruntime",
         precision=str(dtype).removeprefix("torch."),
         device=device.type,
-        versions=versions,
+        versions=_export_versions() | {"onnxruntime": ort.version()},
     )
+
+
+def _export_versions() -> dict[str, str]:
+    return {
+        "hypersd-export": f"{onnx_export.EXPORT_VERSION}, opset {onnx_export.OPSET}",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+    }
+
+
+def tensorrt_key(
+    spec: ModelSpec, tensorrt_version: str, gpu_architecture: str, base_hash: str | None = None
+) -> str:
+    """The artefact key of `spec` for the `tensorrt` backend.
+
+    Engines are specific to the TensorRT version that built them and to the GPU architecture
+    they were built on, and to their precision and optimisation profiles: all are in the key.
+
+    Args:
+        spec: The registry spec (precision, batch sizes, static shapes, sizes).
+        tensorrt_version: `tensorrt.__version__`.
+        gpu_architecture: `hypersd.backends.tensorrt.gpu_architecture(device)`, e.g. "sm_90".
+        base_hash: `cache.weights_hash(spec)` when already known.
+    """
+    profile = {
+        "sizes": [format_size(size) for size in spec.sizes],
+        "batch_sizes": list(spec.batch_sizes),
+        "static": spec.static_shapes,
+    }
+    return cache.artefact_key(
+        spec,
+        backend="tensorrt",
+        precision=tensorrt.engine_precision(spec),
+        device=gpu_architecture,
+        versions=_export_versions() | {"tensorrt": tensorrt_version},
+        base_hash=base_hash,
+        profile=profile,
+    )
+
+
+# In a TensorRT artefact: the key it would have without its LoRAs (what a refit may start from).
+BASE_KEY_FILE = "base_key.txt"
+
+
+def _refit_source(root: Path, base_key: str) -> Path | None:
+    """A finished TensorRT artefact under `root` of the same base model and build settings."""
+    for marker in sorted(root.glob(f"*/{BASE_KEY_FILE}")):
+        folder = marker.parent
+        finished = not folder.name.startswith(".") and (folder / cache.KEY_FILE).is_file()
+        if finished and marker.read_text() == base_key:  # not a build still in progress
+            return folder
+    return None
+
+
+def _build_tensorrt(pipe: SDPipeline, spec: ModelSpec, root: Path) -> BackendResult:
+    trt = tensorrt.require_tensorrt(pipe.device)
+    architecture = tensorrt.gpu_architecture(pipe.device)
+    # One timing cache per TensorRT version and GPU, shared by every model's builds.
+    timing_cache = root / f"timing-cache-trt{trt.__version__}-{architecture}.bin"
+
+    parity: list[Parity] = []
+    # The same engine but for the LoRAs: an artefact with this base key is refitted, not rebuilt.
+    base = spec.model_copy(update={"loras": (), "name": "base"})
+    base_hash = cache.weights_hash(spec)  # hashed once: SDXL's weights take seconds
+    base_key = tensorrt_key(base, str(trt.__version__), architecture, base_hash)
+
+    def build(folder: Path) -> None:
+        (folder / BASE_KEY_FILE).write_text(base_key)
+        source = _refit_source(root, base_key)
+        if source is not None:
+            try:
+                tensorrt.refit_artefact(source, pipe, folder)
+                log.info("model %s: refitted the engines of %s", spec.name, source.name)
+                return
+            except ValueError as reason:
+                log.info("model %s: cannot refit (%s), building", spec.name, reason)
+                for partial in folder.glob(f"*{tensorrt.ENGINE_SUFFIX}"):
+                    partial.unlink()
+        parity.extend(tensorrt.build(pipe, spec, folder, timing_cache))
+
+    key = tensorrt_key(spec, str(trt.__version__), architecture, base_hash)
+    folder, built = cache.get_or_build(root, key, build)
+    return BackendResult("tensorrt", artefact=folder, built=built, parity=parity)
 
 
 def build_artefact(
@@ -99,14 +178,17 @@ def build_artefact(
             f"{', '.join(ARTEFACT_BACKENDS)} (all backends: {', '.join(BACKENDS)})"
         )
     if pipe.dtype != torch.float32:
-        raise ValueError(f"the onnxruntime backend exports float32 weights, got {pipe.dtype}")
+        raise ValueError(f"the {spec.backend} backend exports float32 weights, got {pipe.dtype}")
+    root = cache.cache_dir(cache_root)
+    if spec.backend == "tensorrt":
+        return _build_tensorrt(pipe, spec, root)
     parity: list[Parity] = []
 
     def build(folder: Path) -> None:
         parity.extend(ort.build(pipe, folder))
 
     key = onnxruntime_key(spec, pipe.device, pipe.dtype)
-    folder, built = cache.get_or_build(cache.cache_dir(cache_root), key, build)
+    folder, built = cache.get_or_build(root, key, build)
     return BackendResult("onnxruntime", artefact=folder, built=built, parity=parity)
 
 
@@ -138,6 +220,14 @@ def install_backend(
         if spec.backend == "compile":
             compiled.install(pipe, spec.static_shapes)
             result = BackendResult("compile")
+        elif spec.backend == "tensorrt":
+            # Checked first: without TensorRT or a GPU nothing is exported in vain.
+            tensorrt.require_tensorrt(pipe.device)
+            result = build_artefact(pipe, spec, cache_root)
+            assert result.artefact is not None
+            from hypersd.backends import tensorrt_runtime
+
+            tensorrt_runtime.install(pipe, result.artefact, cuda_graphs=spec.static_shapes)
         else:
             result = build_artefact(pipe, spec, cache_root)
             assert result.artefact is not None

@@ -96,6 +96,7 @@ def artefact_key(
     device: str,
     versions: dict[str, str],
     base_hash: str | None = None,
+    profile: dict[str, object] | None = None,
 ) -> str:
     """The cache key of `spec` built for `backend`: a hex string naming its artefact folder.
 
@@ -106,6 +107,8 @@ def artefact_key(
         device: Where it runs: "cpu", or a GPU architecture for device-specific engines.
         versions: Versions of the backend and the exporter, by package name.
         base_hash: `weights_hash(spec)` when already known (hashing large weights takes time).
+        profile: The shapes the artefact is built for, when they are more than its sizes with
+            a dynamic batch axis (TensorRT's batch sizes and static profiles).
     """
     description = {
         "base": base_hash or weights_hash(spec),
@@ -116,7 +119,8 @@ def artefact_key(
         "backend": backend,
         "precision": precision,
         # The profile: the sizes the artefact must serve; every export has a dynamic batch axis.
-        "profile": {"sizes": [format_size(size) for size in spec.sizes], "batch": "dynamic"},
+        "profile": profile
+        or {"sizes": [format_size(size) for size in spec.sizes], "batch": "dynamic"},
         "versions": dict(sorted(versions.items())),
         "device": device,
     }

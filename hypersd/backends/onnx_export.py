@@ -8,11 +8,19 @@ and VAE's spatial axes are dynamic too, so one export serves every size a model 
 The TorchScript-based exporter (`dynamo=False`) is used: it needs no `onnxscript` and traces the
 diffusers modules as they are (their shape-dependent branches are fixed at the traced values,
 which only select memory layouts, never results).
+
+Protobuf cannot hold a model over 2 GiB, so SDXL's float32 UNet and second text encoder keep
+their weights outside the graph. The exporter would write one file per tensor, named after the
+tensor, beside the graph; the components of a model share one artefact folder, so two components'
+tensors of one name (`onnx::MatMul_<n>` is numbered per graph) would overwrite each other. Each
+component's weights therefore go to one file of its own, `<name>.onnx.data`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,7 +38,10 @@ log = logging.getLogger(__name__)
 OPSET = 17
 # Raised whenever a change here changes the exported graphs: part of the artefact key, so that
 # artefacts exported by older code are rebuilt rather than loaded.
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
+# Exports whose weights take more bytes than this keep them in `<name>.onnx.data`: below
+# protobuf's 2 GiB limit on a whole model, with room for the graph itself.
+EXTERNAL_DATA_ABOVE = 1 << 30
 # What each exported component is called: the ONNX file is `<name>.onnx` in the artefact folder.
 TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"
@@ -187,26 +198,60 @@ def components(
     ]
 
 
-def export_onnx(component: Component, path: Path) -> None:
-    """Trace `component` and write it to `path` (an `.onnx` file; weights inside).
+def external_data_file(onnx_name: str) -> str:
+    """The name of the file that holds the weights of the export `onnx_name`, beside it.
+
+    Args:
+        onnx_name: The export's file name (`unet.onnx`).
+    """
+    return f"{onnx_name}.data"
+
+
+def export_onnx(
+    component: Component, path: Path, external_data_above: int = EXTERNAL_DATA_ABOVE
+) -> None:
+    """Trace `component` and write it to `path`, an `.onnx` file, with its weights.
+
+    The weights are inside the file, or in `external_data_file(path.name)` beside it when the
+    traced export takes more than `external_data_above` bytes (ONNX Runtime, TensorRT and
+    `onnx.load` find them there by that name).
 
     Args:
         component: What to export, with its example inputs.
         path: The file to write.
+        external_data_above: Size in bytes above which the weights go to the separate file.
     """
-    with torch.no_grad(), warnings.catch_warnings():
-        # The tracer warns about every shape-dependent Python branch in diffusers; see the module
-        # docstring for why those are safe here.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            component.module.eval(),
-            tuple(component.inputs.values()),
+    # Traced into a folder of its own: the tracer's one-file-per-tensor external data (above
+    # 2 GiB) must not land beside the other components' files.
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as staging:
+        traced = Path(staging) / path.name
+        with torch.no_grad(), warnings.catch_warnings():
+            # The tracer warns about every shape-dependent Python branch in diffusers; see the
+            # module docstring for why those are safe here.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                component.module.eval(),
+                tuple(component.inputs.values()),
+                str(traced),
+                dynamo=False,
+                input_names=list(component.inputs),
+                output_names=list(component.outputs),
+                dynamic_axes=component.dynamic_axes,
+                opset_version=OPSET,
+            )
+        written = list(Path(staging).iterdir())
+        if len(written) == 1 and traced.stat().st_size <= external_data_above:
+            os.replace(traced, path)
+            return
+        import onnx
+
+        model = onnx.load(str(traced))  # with the tracer's external files, if it wrote any
+        onnx.save_model(
+            model,
             str(path),
-            dynamo=False,
-            input_names=list(component.inputs),
-            output_names=list(component.outputs),
-            dynamic_axes=component.dynamic_axes,
-            opset_version=OPSET,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=external_data_file(path.name),
         )
 
 

@@ -7,15 +7,16 @@ the pipeline's own code (scheduler, CFG, per-image generators, SDXL's added cond
 unchanged around them.
 
 The CPU execution provider always; the CUDA one where `onnxruntime-gpu` is installed and the
-pipeline is on CUDA. Tensors cross into ONNX Runtime as NumPy arrays, which on CUDA means a copy
-through the host per call: correct, not yet fast there.
+pipeline is on CUDA. On CUDA, inputs and outputs are bound to torch's own CUDA tensors (IO
+binding: no copy through the host) and ONNX Runtime runs on torch's current stream, so the two
+never need to synchronise. On the CPU tensors cross as NumPy arrays that share their memory.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -36,18 +37,37 @@ def version() -> str:
     return str(onnxruntime.__version__)
 
 
-def providers(device: torch.device) -> list[str]:
+# NumPy element types of the tensors that cross into ONNX Runtime (IO binding names them).
+_ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}
+Provider = str | tuple[str, dict[str, str]]
+
+
+def providers(
+    device: torch.device, available: list[str], stream: int | None = None
+) -> list[Provider]:
     """The execution providers for `device`: CUDA first where it is installed and wanted.
 
     Args:
         device: The pipeline's device.
-    """
-    import onnxruntime
+        available: `onnxruntime.get_available_providers()`.
+        stream: The CUDA stream (`torch.cuda.current_stream().cuda_stream`) ONNX Runtime should
+            run on, so that its work is ordered with torch's; `None` for its own stream.
 
-    available = onnxruntime.get_available_providers()
-    if device.type == "cuda" and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+    Raises:
+        RuntimeError: if `device` is CUDA but the installed ONNX Runtime has no CUDA provider,
+            naming the package to install (a CPU-only run would copy every tensor to the host).
+    """
+    if device.type != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        raise RuntimeError(
+            "the onnxruntime backend on CUDA needs ONNX Runtime's CUDA execution provider: "
+            f"pip install onnxruntime-gpu (the `onnx-gpu` extra); installed providers: {available}"
+        )
+    options = {"device_id": str(device.index or 0)}
+    if stream is not None:
+        options |= {"has_user_compute_stream": "1", "user_compute_stream": str(stream)}
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
 class Session:
@@ -58,29 +78,102 @@ class Session:
         device: Where the returned tensors go (the pipeline's device).
         threads: Intra-op threads; `None` for torch's current setting, so that a worker's
             `--threads` holds for both runtimes.
+        io_binding: Bind torch's tensors to the session's inputs and outputs instead of passing
+            NumPy arrays; `None` for on CUDA only (where it saves two host copies per call).
     """
 
-    def __init__(self, path: Path, device: torch.device, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        device: torch.device,
+        threads: int | None = None,
+        io_binding: bool | None = None,
+    ) -> None:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        cuda = device.type == "cuda"
+        stream = torch.cuda.current_stream(device).cuda_stream if cuda else None
+        chosen = providers(device, onnxruntime.get_available_providers(), stream)
         self.session = onnxruntime.InferenceSession(
-            str(path), sess_options=options, providers=providers(device)
+            str(path), sess_options=options, providers=chosen
         )
         self.device = device
+        self.io_binding = cuda if io_binding is None else io_binding
         self.input_names = [node.name for node in self.session.get_inputs()]
+        self.output_names = [node.name for node in self.session.get_outputs()]
 
     def run_numpy(self, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
         """Run on `inputs` (by name) and return the outputs as NumPy arrays."""
         feed = {name: inputs[name].detach().cpu().numpy() for name in self.input_names}
         return list(self.session.run(None, feed))
 
-    def __call__(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Run on `inputs` (by name) and return the outputs as tensors on `device`."""
+    def run_bound(
+        self, inputs: dict[str, torch.Tensor], output_shapes: dict[str, tuple[int, ...]]
+    ) -> list[torch.Tensor]:
+        """Run on `inputs` with IO binding: ONNX Runtime reads and writes torch's memory.
+
+        Args:
+            inputs: Input tensors by name, on `device` (float32 or int64).
+            output_shapes: Each output's shape, by name: the outputs are allocated by torch
+                (its caching allocator on CUDA) and written in place by the session.
+        """
+        binding = self.session.io_binding()
+        kept = []  # the contiguous copies must outlive the run
+        for name in self.input_names:
+            tensor = inputs[name].to(self.device).contiguous()
+            kept.append(tensor)
+            binding.bind_input(
+                name,
+                self.device.type,
+                self.device.index or 0,
+                _ELEMENT_TYPES[tensor.dtype],
+                tuple(tensor.shape),
+                tensor.data_ptr(),
+            )
+        outputs = [
+            torch.empty(output_shapes[name], dtype=torch.float32, device=self.device)
+            for name in self.output_names
+        ]
+        for name, tensor in zip(self.output_names, outputs, strict=True):
+            binding.bind_output(
+                name,
+                self.device.type,
+                self.device.index or 0,
+                np.float32,
+                tuple(tensor.shape),
+                tensor.data_ptr(),
+            )
+        self.session.run_with_iobinding(binding)
+        return outputs
+
+    def __call__(
+        self, inputs: dict[str, torch.Tensor], output_shapes: dict[str, tuple[int, ...]]
+    ) -> list[torch.Tensor]:
+        """Run on `inputs` (by name) and return the outputs as tensors on `device`.
+
+        Args:
+            inputs: Input tensors by name.
+            output_shapes: Each output's shape by name (used by IO binding).
+        """
+        if self.io_binding:
+            return self.run_bound(inputs, output_shapes)
         return [torch.from_numpy(array).to(self.device) for array in self.run_numpy(inputs)]
+
+
+class Runner(Protocol):
+    """What runs an exported component: a `Session`, or a TensorRT engine
+    (`hypersd.backends.tensorrt_runtime.TrtEngine`)."""
+
+    device: torch.device
+    input_names: list[str]
+
+    def __call__(
+        self, inputs: dict[str, torch.Tensor], output_shapes: dict[str, tuple[int, ...]]
+    ) -> list[torch.Tensor]: ...
 
 
 class _SessionModule(torch.nn.Module):
@@ -90,7 +183,7 @@ class _SessionModule(torch.nn.Module):
     encoders' forward, so these stay `torch.nn.Module`s.
     """
 
-    def __init__(self, session: Session, config: Any) -> None:
+    def __init__(self, session: Runner, config: Any) -> None:
         super().__init__()
         self.session = session
         self.config = config
@@ -108,12 +201,12 @@ class OrtTextEncoder(_SessionModule):
     """A CLIP text encoder (`CLIPTextModel` or `CLIPTextModelWithProjection`) run by a session.
 
     Args:
-        session: The session of the exported encoder.
+        session: What runs the exported encoder.
         config: The torch encoder's config (the pipelines read `projection_dim` from it).
         projected: Whether it is SDXL's second encoder (its first output is the pooled projection).
     """
 
-    def __init__(self, session: Session, config: Any, projected: bool) -> None:
+    def __init__(self, session: Runner, config: Any, projected: bool) -> None:
         super().__init__(session, config)
         self.projected = projected
 
@@ -126,7 +219,12 @@ class OrtTextEncoder(_SessionModule):
     ) -> BaseModelOutputWithPooling | CLIPTextModelOutput:
         if attention_mask is not None:
             raise ValueError("the exported text encoder takes no attention mask (CLIP uses none)")
-        outputs = self.session({"input_ids": input_ids.to(torch.int64)})
+        batch, tokens = input_ids.shape
+        hidden = (batch, tokens, self.config.hidden_size)
+        shapes: dict[str, tuple[int, ...]] = {name: hidden for name in onnx_export.TEXT_OUTPUTS}
+        if self.projected:
+            shapes["text_embeds"] = (batch, self.config.projection_dim)
+        outputs = self.session({"input_ids": input_ids.to(torch.int64)}, shapes)
         # Only the penultimate and last hidden states are exported: what the SD1.5 and SDXL
         # pipelines read without `clip_skip` (which no recipe uses).
         last, penultimate = outputs[-2], outputs[-1]
@@ -141,12 +239,12 @@ class OrtUNet(_SessionModule):
     """A `UNet2DConditionModel` run by a session.
 
     Args:
-        session: The session of the exported UNet.
+        session: What runs the exported UNet.
         unet: The torch UNet: its config, and for SDXL its `add_embedding` (a few linear layers),
             which the SDXL pipeline reads to check its added time ids.
     """
 
-    def __init__(self, session: Session, unet: torch.nn.Module) -> None:
+    def __init__(self, session: Runner, unet: torch.nn.Module) -> None:
         super().__init__(session, unet.config)
         self.sdxl = "text_embeds" in session.input_names
         if self.sdxl:
@@ -179,29 +277,39 @@ class OrtUNet(_SessionModule):
             assert added_cond_kwargs is not None, "the SDXL pipeline always passes added conditions"
             inputs["text_embeds"] = added_cond_kwargs["text_embeds"].float()
             inputs["time_ids"] = added_cond_kwargs["time_ids"].float()
-        return (self.session(inputs)[0],)
+        shape = (batch, self.config.out_channels, *sample.shape[2:])
+        return (self.session(inputs, {"noise_pred": shape})[0],)
 
 
 class OrtVaeDecoder(_SessionModule):
     """An `AutoencoderKL`'s `decode` run by a session (the pipelines never encode).
 
     Args:
-        session: The session of the exported decoder.
+        session: What runs the exported decoder.
         config: The torch VAE's config (scaling factor, latent statistics).
     """
 
     def decode(
         self, latent: torch.Tensor, return_dict: bool = False, generator: Any = None
     ) -> tuple[torch.Tensor]:
-        return (self.session({"latent": latent.float()})[0],)
+        batch, _, height, width = latent.shape
+        factor = 2 ** (len(self.config.block_out_channels) - 1)
+        shape = (batch, self.config.out_channels, height * factor, width * factor)
+        return (self.session({"latent": latent.float()}, {"image": shape})[0],)
 
 
-def build(pipe: SDPipeline, folder: Path) -> list[Parity]:
+def build(
+    pipe: SDPipeline,
+    folder: Path,
+    external_data_above: int = onnx_export.EXTERNAL_DATA_ABOVE,
+) -> list[Parity]:
     """Export `pipe`'s components into `folder` and check each against eager.
 
     Args:
         pipe: The loaded pipeline (LoRAs fused), in float32.
-        folder: An empty folder for the `.onnx` files.
+        folder: An empty folder for the `.onnx` files (and their `.onnx.data` weights).
+        external_data_above: Export size in bytes above which a component's weights go to
+            their own file (`onnx_export.export_onnx`).
 
     Returns:
         Each component's parity with eager on its example inputs (at another batch size than
@@ -210,7 +318,7 @@ def build(pipe: SDPipeline, folder: Path) -> list[Parity]:
     report = []
     for traced in onnx_export.components(pipe, batch_size=2):
         path = folder / f"{traced.name}.onnx"
-        onnx_export.export_onnx(traced, path)
+        onnx_export.export_onnx(traced, path, external_data_above)
         check = onnx_export.components(pipe, batch_size=3)
         component = next(part for part in check if part.name == traced.name)
         session = Session(path, torch.device("cpu"))

@@ -183,8 +183,9 @@ def denoised_x0_prediction(
     so that a reference network (e.g. the starting model) can predict from the same point.
     """
     first, last = stop_range if stop_range is not None else (0, len(schedule) - 1)
-    stop = int(torch.randint(first, last + 1, (1,), generator=generator).item())
     n, device = noise.shape[0], noise.device
+    # drawn on the generator's device (a CUDA generator on a GPU), read back to the host
+    stop = int(uniform_timesteps(1, first, last, generator, device)[0])
     x = noise
     with torch.no_grad():
         for i in range(stop):

@@ -25,10 +25,14 @@ from training.objectives.solvers import (
 )
 
 
-def lcm_solver_timesteps(num_train_timesteps: int = 1000, num_ddim_timesteps: int = 50) -> Tensor:
-    """LCM's DDIMSolver grid: (1..N) · T/N - 1 (19, 39, ..., 999 for N = 50)."""
+def lcm_solver_timesteps(
+    num_train_timesteps: int = 1000,
+    num_ddim_timesteps: int = 50,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """LCM's DDIMSolver grid on ``device``: (1..N) · T/N - 1 (19, 39, ..., 999 for N = 50)."""
     step_ratio = num_train_timesteps // num_ddim_timesteps
-    return torch.arange(1, num_ddim_timesteps + 1) * step_ratio - 1
+    return torch.arange(1, num_ddim_timesteps + 1, device=device) * step_ratio - 1
 
 
 def consistency_output(
@@ -90,7 +94,7 @@ def lcm_losses(
     """
     n, device = latents.shape[0], latents.device
     T = alphas_cumprod.shape[0]
-    grid = lcm_solver_timesteps(T, num_ddim_timesteps).to(device)
+    grid = lcm_solver_timesteps(T, num_ddim_timesteps, device)
     topk = T // num_ddim_timesteps
     if index is None:
         gen_device = generator.device if generator is not None else device

@@ -1,0 +1,339 @@
+"""The TensorRT backend, up to the engine build: capability check, fallback, profiles, the builder's
+calls (against `fake_tensorrt`, a test double of TensorRT's builder), cache keys and refitting.
+
+TensorRT cannot be installed here (it needs NVIDIA's package index and a CUDA GPU). What runs
+here for real: the ONNX exports the engines are built from (parsed and checked by the double),
+the optimisation profiles, the timing cache file, the artefact keys, and the refit map, checked
+against a real second export: refitting the engine of one LoRA with `refit_weights` of another
+gives exactly the other's weights. The engine build itself and the runtime run only where
+TensorRT and a GPU are (`test_real_tensorrt_matches_eager`, skipped here with its reason).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import fake_tensorrt
+import numpy as np
+import pytest
+import torch
+
+from hypersd.backends import BackendResult, onnx_export, refit, tensorrt, tensorrt_key
+from hypersd.pipeline import ImageRequest, load
+from hypersd.registry import LoraSpec, ModelSpec, Registry, load_registry
+
+if TYPE_CHECKING:
+    from tiny_models import TinyModels
+
+pytest.importorskip("onnx")
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_models: TinyModels) -> Registry:
+    return load_registry(tiny_models.registry)
+
+
+@pytest.fixture
+def fake_trt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`import tensorrt` gives the test double."""
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
+
+
+def with_fields(spec: ModelSpec, **fields: object) -> ModelSpec:
+    """`spec` with other fields, validated like a registry entry."""
+    return ModelSpec.model_validate(spec.model_dump() | fields)
+
+
+def test_without_tensorrt_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+    with pytest.raises(tensorrt.TensorRTUnavailableError, match="pip install tensorrt") as error:
+        tensorrt.import_tensorrt()
+    assert "pypi.nvidia.com" in str(error.value) and "CUDA GPU" in str(error.value)
+    with pytest.raises(tensorrt.TensorRTUnavailableError, match="runs on CUDA GPUs only"):
+        tensorrt.require_tensorrt(torch.device("cpu"))
+
+
+def test_a_tensorrt_model_falls_back_to_eager_unless_strict(
+    registry: Registry, tmp_path: Path
+) -> None:
+    spec = with_fields(registry.get("sd15-nstep"), backend="tensorrt")
+    generator = load(spec, device="cpu", warmup=True, cache_dir=tmp_path)
+    assert generator.backend.backend == "eager"
+    assert generator.backend.error is not None and "pip install tensorrt" in generator.backend.error
+    assert not any(tmp_path.iterdir())  # nothing exported in vain
+    image = np.asarray(generator.generate([ImageRequest("a red circle", 0)]).images[0])
+    assert image.std() > 5
+
+    with pytest.raises(tensorrt.TensorRTUnavailableError, match="pip install tensorrt"):
+        load(with_fields(spec, strict=True), device="cpu", warmup=False, cache_dir=tmp_path)
+
+
+def test_the_worker_counts_a_tensorrt_fallback(registry: Registry, tmp_path: Path) -> None:
+    from prometheus_client import REGISTRY as METRICS
+
+    from jobs.store import MemoryJobStore
+    from worker.runner import load_runner
+
+    spec = with_fields(registry.get("sd15-nstep"), backend="tensorrt")
+    labels = {"model": spec.name, "backend": "tensorrt"}
+
+    def fallbacks() -> float:
+        return METRICS.get_sample_value("hypersd_worker_backend_fallbacks_total", labels) or 0.0
+
+    before = fallbacks()
+    runner = load_runner(
+        spec,
+        MemoryJobStore(tmp_path / "images", ttl_s=60),
+        worker_id="w1",
+        slots=1,
+        max_batch_size=1,
+        max_wait_ms=0,
+        job_timeout_s=60,
+        torch_threads=1,
+    )
+    runner.close()
+    assert runner.info().backend == "eager"
+    assert fallbacks() == before + 1
+
+
+def unet_component(registry: Registry, model: str) -> tuple[ModelSpec, onnx_export.Component, int]:
+    spec = registry.get(model)
+    pipe = load(spec, device="cpu", warmup=False).pipe
+    unet = next(part for part in onnx_export.components(pipe) if part.name == onnx_export.UNET)
+    return spec, unet, pipe.vae_scale_factor
+
+
+def test_profiles_cover_the_batch_sizes_and_sizes(registry: Registry) -> None:
+    spec, unet, factor = unet_component(registry, "sd15-cfg")  # CFG: the UNet sees 2x the batch
+    spec = with_fields(spec, sizes=["64x64", "64x32"], batch_sizes=[1, 4])
+    dynamic = tensorrt.profiles(spec, unet, factor)
+    assert len(dynamic) == 2  # one per size
+    sample = [profile["sample"] for profile in dynamic]
+    channels = unet.inputs["sample"].shape[1]
+    side, half = 64 // factor, 32 // factor
+    assert sample[0].min == (1, channels, side, side) and sample[0].max == (8, channels, side, side)
+    assert sample[1].opt == (1, channels, half, side)  # 64 wide, 32 high
+    tokens, width = unet.inputs["encoder_hidden_states"].shape[1:]
+    assert dynamic[0]["encoder_hidden_states"].max == (8, tokens, width)
+
+    static = tensorrt.profiles(with_fields(spec, static_shapes=True), unet, factor)
+    batches = sorted({profile["sample"].opt[0] for profile in static})
+    assert batches == [1, 2, 4, 8]  # each batch size, and twice it under CFG
+    assert all(rng.min == rng.opt == rng.max for profile in static for rng in profile.values())
+    assert len(static) == 4 * 2
+
+
+def test_build_engine_asks_tensorrt_for_the_registry_profiles_and_precision(
+    registry: Registry, tmp_path: Path, fake_trt: None
+) -> None:
+    spec, unet, factor = unet_component(registry, "sd15-cfg")
+    onnx_path = tmp_path / "unet.onnx"
+    onnx_export.export_onnx(unet, onnx_path)
+    timing_cache = tmp_path / "timing.bin"
+    for precision, flags in [("float16", ["FP16", "REFIT"]), ("bfloat16", ["BF16", "REFIT"])]:
+        engine = tmp_path / f"unet-{precision}.plan"
+        tensorrt.build_engine(
+            onnx_path, engine, tensorrt.profiles(spec, unet, factor), precision, timing_cache
+        )
+        record = json.loads(engine.read_text())
+        assert record["flags"] == flags
+        assert set(record["inputs"]) == {"sample", "timestep", "encoder_hidden_states"}
+        assert record["profiles"][0]["sample"][2][0] == 2 * max(spec.batch_sizes)
+    # The second build read what the first wrote into the timing cache; the file holds both.
+    assert record["timing_cache_read"] == "timed unet.onnx;"
+    assert timing_cache.read_text() == "timed unet.onnx;timed unet.onnx;"
+
+    with pytest.raises(ValueError, match="allowed: float16, bfloat16, float32"):
+        tensorrt.build_engine(onnx_path, tmp_path / "x.plan", [], "int8", timing_cache)
+    # A profile that misses an input fails the build, as it does in TensorRT.
+    incomplete = [{"sample": tensorrt.profiles(spec, unet, factor)[0]["sample"]}]
+    with pytest.raises(ValueError, match="has no shape in a profile"):
+        tensorrt.build_engine(onnx_path, tmp_path / "x.plan", incomplete, "float16", timing_cache)
+
+
+@pytest.mark.parametrize("model", ["sd15-cfg", "sdxl-1step"])
+def test_build_writes_an_engine_per_component_and_the_refit_map(
+    registry: Registry, tmp_path: Path, fake_trt: None, model: str
+) -> None:
+    spec = with_fields(registry.get(model), backend="tensorrt", precision="bfloat16")
+    pipe = load(with_fields(spec, backend="eager"), device="cpu", warmup=False).pipe
+    parity = tensorrt.build(pipe, spec, tmp_path, tmp_path / "timing.bin")
+    names = ["text_encoder", "unet", "vae_decoder"]
+    if spec.family == "sdxl":
+        names.append("text_encoder_2")
+    # The engines' sources are the checked ONNX Runtime exports.
+    assert sorted(check.name for check in parity) == sorted(names)
+    assert all(check.max_rel < 1e-3 for check in parity), parity
+    for name in names:
+        record = json.loads((tmp_path / f"{name}{tensorrt.ENGINE_SUFFIX}").read_text())
+        assert record["source"] == f"{name}.onnx" and record["flags"] == ["BF16", "REFIT"]
+    if spec.family == "sdxl":
+        unet = json.loads((tmp_path / "unet.plan").read_text())
+        assert {"text_embeds", "time_ids"} <= set(unet["inputs"])
+    maps = json.loads((tmp_path / refit.REFIT_MAP_FILE).read_text())
+    assert sorted(maps) == sorted(names) and all(maps.values())
+
+
+def test_the_key_changes_with_tensorrt_version_gpu_precision_and_profiles(
+    registry: Registry,
+) -> None:
+    spec = with_fields(registry.get("sd15-cfg"), backend="tensorrt")
+    key = tensorrt_key(spec, "10.3.0", "sm_90")
+    assert key == tensorrt_key(spec, "10.3.0", "sm_90")
+    others = [
+        tensorrt_key(spec, "10.4.0", "sm_90"),
+        tensorrt_key(spec, "10.3.0", "sm_89"),
+        tensorrt_key(with_fields(spec, precision="bfloat16"), "10.3.0", "sm_90"),
+        tensorrt_key(with_fields(spec, batch_sizes=[1, 2]), "10.3.0", "sm_90"),
+        tensorrt_key(with_fields(spec, static_shapes=True), "10.3.0", "sm_90"),
+        tensorrt_key(with_fields(spec, sizes=["64x64"]), "10.3.0", "sm_90"),
+    ]
+    assert len({key, *others}) == 1 + len(others)
+    # "auto" is float16: the same engine, the same key.
+    assert tensorrt_key(with_fields(spec, precision="float16"), "10.3.0", "sm_90") == key
+
+
+def initializers(path: Path) -> dict[str, np.ndarray]:
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    return {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+
+
+@pytest.mark.parametrize("component_name", ["unet", "text_encoder"])
+def test_refitting_from_the_base_weights_gives_the_other_loras_engine(
+    registry: Registry, tmp_path: Path, component_name: str
+) -> None:
+    """Export with LoRAs A, then compute the refit for LoRAs B from the base + B: every
+    initializer of a direct export with B is either refitted to B's value or unchanged."""
+    spec_a = registry.get("sd15-cfg")  # two LoRAs at 0.5 and 0.7 (UNet and text encoder)
+    loras_b = [
+        LoraSpec.model_validate(spec_a.loras[0].model_dump() | {"scale": 1.0}),
+        LoraSpec.model_validate(spec_a.loras[1].model_dump() | {"scale": 0.2}),
+    ]
+    spec_b = with_fields(spec_a, loras=[lora.model_dump() for lora in loras_b])
+    exports = {}
+    for label, spec in (("a", spec_a), ("b", spec_b)):
+        pipe = load(spec, device="cpu", warmup=False).pipe
+        component = next(p for p in onnx_export.components(pipe) if p.name == component_name)
+        path = tmp_path / f"{label}.onnx"
+        onnx_export.export_onnx(component, path)
+        exports[label] = (path, component.module.state_dict())
+        if label == "a":  # the map comes from the module the engine's export was traced from
+            mapping = refit.refit_map(path, component.module)
+    weights = refit.refit_weights(mapping, exports["b"][1])
+
+    values_a, values_b = initializers(exports["a"][0]), initializers(exports["b"][0])
+    assert values_a.keys() == values_b.keys()  # the same graph: the engine's weight names
+    changed = [name for name in values_a if not np.array_equal(values_a[name], values_b[name])]
+    assert changed, "the two LoRA sets must differ in this component"
+    for name, value_b in values_b.items():
+        refitted = weights.get(name, values_a[name])
+        np.testing.assert_array_equal(refitted, value_b, err_msg=name)
+    print(f"{component_name}: {len(changed)} initializers change, {len(weights)} refitted")
+
+
+def test_refit_refuses_weights_that_were_shared_and_now_differ() -> None:
+    mapping = {"shared": [("first", False), ("second", True)]}
+    same = torch.arange(6.0).reshape(2, 3)
+    state = {"first": same, "second": same.T.clone()}
+    np.testing.assert_array_equal(refit.refit_weights(mapping, state)["shared"], same.numpy())
+    state["second"] = state["second"] + 1
+    with pytest.raises(ValueError, match="rebuild the engine instead"):
+        refit.refit_weights(mapping, state)
+
+
+def test_real_tensorrt_matches_eager(registry: Registry, tmp_path: Path) -> None:
+    pytest.importorskip(
+        "tensorrt", reason=f"TensorRT is not installed here ({tensorrt.INSTALL_HINT})"
+    )
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU; none here")
+    spec = with_fields(registry.get("sd15-cfg"), backend="tensorrt", strict=True)
+    eager = load(with_fields(spec, backend="eager"), device="cuda", dtype=torch.float32)
+    served = load(spec, device="cuda", cache_dir=tmp_path)
+    assert served.backend.backend == "tensorrt"
+    requests = [ImageRequest("a red circle", seed) for seed in range(2)]
+    images = [
+        np.stack([np.asarray(image, np.int16) for image in generator.generate(requests).images])
+        for generator in (eager, served)
+    ]
+    # float16 layers: a few levels of difference, not a different picture
+    assert np.abs(images[0] - images[1]).mean() < 3
+
+
+def test_build_engine_without_tensorrt_says_what_to_install(tmp_path: Path) -> None:
+    command = ["build-engine", "--model", "shapes-hyper-1step", "--backend", "tensorrt"]
+    command += ["--device", "cpu", "--cache-dir", str(tmp_path)]
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher", *command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "pip install tensorrt" in result.stderr and "CUDA" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_lora_change_refits_every_engine_from_the_base_weights(
+    registry: Registry, tmp_path: Path, fake_trt: None
+) -> None:
+    import hashlib
+
+    spec_a = with_fields(registry.get("sd15-cfg"), backend="tensorrt")
+    loras_b = [lora.model_dump() | {"scale": 0.2} for lora in spec_a.loras]
+    spec_b = with_fields(spec_a, loras=loras_b)
+    pipe_a = load(with_fields(spec_a, backend="eager"), device="cpu", warmup=False).pipe
+    pipe_b = load(with_fields(spec_b, backend="eager"), device="cpu", warmup=False).pipe
+    built, refitted = tmp_path / "a", tmp_path / "b"
+    built.mkdir()
+    refitted.mkdir()
+    tensorrt.build(pipe_a, spec_a, built, tmp_path / "timing.bin")
+    tensorrt.refit_artefact(built, pipe_b, refitted)
+
+    maps = json.loads((built / refit.REFIT_MAP_FILE).read_text())
+    for component in onnx_export.components(pipe_b):
+        record = json.loads((refitted / f"{component.name}.plan").read_text())
+        expected = refit.refit_weights(maps[component.name], component.module.state_dict())
+        # Every mapped weight was written, with B's values (from the base + B, not from A).
+        assert record["refitted"] == {
+            name: hashlib.sha256(array.tobytes()).hexdigest() for name, array in expected.items()
+        }
+    assert not any(path.suffix == ".onnx" for path in refitted.iterdir())  # A's weights stay out
+
+
+def test_the_cache_builds_the_first_engine_and_refits_it_for_other_loras(
+    registry: Registry, tmp_path: Path, fake_trt: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hypersd.backends import build_artefact
+
+    # What needs a GPU: its presence and its architecture.
+    monkeypatch.setattr(tensorrt, "require_tensorrt", lambda device: fake_tensorrt)
+    monkeypatch.setattr(tensorrt, "gpu_architecture", lambda device: "sm_90")
+    spec_a = with_fields(registry.get("sd15-cfg"), backend="tensorrt")
+    spec_b = with_fields(
+        spec_a, loras=[lora.model_dump() | {"scale": 0.2} for lora in spec_a.loras]
+    )
+
+    def build(spec: ModelSpec) -> BackendResult:
+        pipe = load(with_fields(spec, backend="eager"), device="cpu", warmup=False).pipe
+        return build_artefact(pipe, spec, tmp_path)
+
+    first, second, again = build(spec_a), build(spec_b), build(spec_b)
+    assert first.built and first.parity  # exported, checked against eager, engines built
+    assert second.built and not second.parity  # refitted: nothing exported
+    assert first.artefact != second.artefact
+    assert not any(path.suffix == ".onnx" for path in second.artefact.iterdir())  # type: ignore[union-attr]
+    unet = json.loads((second.artefact / "unet.plan").read_text())  # type: ignore[operator]
+    assert unet["refitted"]  # B's weights written into A's engine
+    assert not again.built and again.artefact == second.artefact  # from the cache
+    assert sorted(tmp_path.glob("timing-cache-trt*-sm_90.bin"))  # one timing cache per GPU
