@@ -12,8 +12,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
-    HYPERSD_REGISTRY=/app/models/registry.toml
-RUN useradd --create-home --uid 1000 hypersd
+    HYPERSD_REGISTRY=/app/models/registry.toml \
+    HYPERSD_ENGINE_CACHE=/var/cache/hypersd/engines
+# The workers' engine cache is a volume (compose, Kubernetes); the folder exists in the image and
+# belongs to the worker user, so that a fresh named volume mounted on it does too.
+RUN useradd --create-home --uid 1000 hypersd \
+    && mkdir -p /var/cache/hypersd/engines \
+    && chown hypersd:hypersd /var/cache/hypersd/engines
 WORKDIR /app
 # The packages, without models or tests (see .dockerignore); each target installs its extra.
 # `pip install .[extra]` installs this project, whose pyproject.toml bounds every dependency

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from bench.machine import describe_machine
 from bench.processes import (
-    REPO,
     free_port,
     gateway,
     hypersd_env,
@@ -98,7 +97,8 @@ def fuzz(max_examples: int, seed: int, folder: Path) -> FuzzResult:
             "--report=har",
             f"--report-har-path={har}",
         ]
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
+        # run in `folder`: schemathesis keeps a cache (.schemathesis/) in its working directory
+        done = subprocess.run(command, cwd=folder, capture_output=True, text=True, check=False)
         statuses: Counter[int] = Counter()
         if har.exists():
             for entry in json.loads(har.read_text())["log"]["entries"]:

@@ -4,7 +4,9 @@
   every core object is validated against the Kubernetes API schema (`kubernetes-validate`, strict)
   and every KEDA / Prometheus-operator object against its CRD's schema (vendored in
   tests/schemas/); then the pieces must fit: each worker serves a model of its overlay's registry,
-  KEDA watches that model's queue and scales that worker, selectors do not overlap.
+  KEDA watches that model's queue and scales that worker, selectors do not overlap, and each
+  worker of a compiled-backend model first builds its engine (an init container) into the cache
+  volume it reads, also with the shared-engine-cache component added.
 - docker-compose.yml: validated against the compose specification's JSON schema; its build
   targets exist in the Dockerfile; Prometheus scrapes services that exist.
 - The metrics that the dashboards and alerts use are ones the code exports.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -70,20 +73,25 @@ def validate_crd_object(obj: dict[str, Any]) -> None:
     jsonschema.Draft7Validator(crd_schema(obj["kind"], obj["apiVersion"])).validate(obj)
 
 
-@functools.cache
-def build_overlay(name: str) -> list[dict[str, Any]]:
-    """The objects `kubectl kustomize` builds from an overlay."""
+def kustomize(folder: Path) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize` builds from the kustomization in `folder`."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (with kustomize) is not installed")
     built = subprocess.run(
-        [kubectl, "kustomize", str(KUBERNETES / "overlays" / name)],
+        [kubectl, "kustomize", str(folder)],
         capture_output=True,
         text=True,
         check=True,
         timeout=60,
     )
     return [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+
+
+@functools.cache
+def build_overlay(name: str) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize` builds from an overlay."""
+    return kustomize(KUBERNETES / "overlays" / name)
 
 
 @pytest.fixture(params=sorted(OVERLAYS))
@@ -175,6 +183,89 @@ def test_workers_serve_their_overlays_models_and_keda_watches_their_queues(
     assert len(selectors) == len(set(selectors)), "two workloads share a selector"
 
 
+def worker_deployments(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        obj
+        for obj in of_kind(objects, "Deployment")
+        if obj["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"
+    ]
+
+
+def env_values(container: dict[str, Any]) -> dict[str, str]:
+    return {var["name"]: var["value"] for var in container.get("env", []) if "value" in var}
+
+
+def volume_at(container: dict[str, Any], path: str) -> dict[str, Any]:
+    """The volume mount of `container` at `path` (the whole volume, no subPath)."""
+    (mount,) = [mount for mount in container["volumeMounts"] if mount["mountPath"] == path]
+    assert "subPath" not in mount and not mount.get("readOnly", False), mount
+    return mount
+
+
+def engine_cache_volume(deployment: dict[str, Any]) -> dict[str, Any]:
+    """Check that the worker's init container builds the worker's model into the cache the
+    worker loads from (same image, config, cache path and volume); return that volume."""
+    pod = deployment["spec"]["template"]["spec"]
+    worker = pod["containers"][0]
+    (init,) = pod["initContainers"]
+    assert init["args"] == ["build-engine", "--model", worker["args"][2]], init["args"]
+    assert init["image"] == worker["image"]
+    assert init["envFrom"] == worker["envFrom"]  # the same registry and settings
+    cache = env_values(init)["HYPERSD_ENGINE_CACHE"]
+    assert env_values(worker)["HYPERSD_ENGINE_CACHE"] == cache
+    name = volume_at(init, cache)["name"]
+    assert volume_at(worker, cache)["name"] == name
+    (volume,) = [volume for volume in pod["volumes"] if volume["name"] == name]
+    return volume
+
+
+def test_workers_of_compiled_models_build_their_engine_first_into_the_cache_they_read(
+    overlay: tuple[str, list[dict[str, Any]]],
+) -> None:
+    name, objects = overlay
+    registry = load_registry(OVERLAYS[name])
+    building = set()
+    for deployment in worker_deployments(objects):
+        pod = deployment["spec"]["template"]["spec"]
+        model = pod["containers"][0]["args"][2]
+        if registry.get(model).backend == "eager":
+            # `build-engine` refuses an eager model: the pod would never start.
+            assert "initContainers" not in pod, deployment["metadata"]["name"]
+            continue
+        building.add(model)
+        # Each pod's own cache unless the shared-engine-cache component is added (below).
+        assert engine_cache_volume(deployment) == {"name": "engine-cache", "emptyDir": {}}
+    if name == "cpu-shapes":  # both shipped Shapes models run on ONNX Runtime
+        assert building == {"shapes-hyper-4step", "shapes-base"}
+
+
+def test_the_shared_engine_cache_component_gives_every_worker_one_claim(tmp_path: Path) -> None:
+    """The overlay with the component, as deploy/README.md says to add it."""
+    root = Path(os.path.relpath(KUBERNETES, tmp_path))  # kustomize refuses absolute paths
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "hypersd",
+        "resources": [str(root / "overlays" / "cpu-shapes")],
+        "components": [str(root / "components" / "shared-engine-cache")],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    objects = kustomize(tmp_path)
+    for obj in objects:
+        if obj["kind"] not in CRD_FILES:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    (claim,) = of_kind(objects, "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # workers on several nodes
+    workers = worker_deployments(objects)
+    assert len(workers) == 2
+    for deployment in workers:
+        volume = engine_cache_volume(deployment)
+        assert volume == {
+            "name": "engine-cache",
+            "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]},
+        }
+
+
 def test_the_gateway_reads_its_api_keys_from_the_secret(
     overlay: tuple[str, list[dict[str, Any]]],
 ) -> None:
@@ -246,6 +337,11 @@ def test_compose_file_is_valid_and_fits_the_dockerfile() -> None:
     cpu_workers = [s for s in services.values() if s.get("image") == "hypersd-worker-cpu"]
     assert sorted(s["command"][2] for s in cpu_workers) == sorted(gateway_models)
     assert set(gateway_models) <= set(shipped.names)
+    # The CPU workers share one named volume as their engine cache.
+    for service in cpu_workers:
+        cache = service["environment"]["HYPERSD_ENGINE_CACHE"]
+        assert f"engine-cache:{cache}" in service["volumes"]
+    assert "engine-cache" in compose["volumes"]
     prometheus = yaml.safe_load((REPO / "deploy/compose/prometheus.yml").read_text())
     for job in prometheus["scrape_configs"]:
         for target in job["static_configs"][0]["targets"]:
