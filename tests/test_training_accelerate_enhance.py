@@ -4,7 +4,8 @@ processes (gloo), as ``test_training_accelerate`` runs TSCD.
 The processes take different prompts (the global batch index ``step x 2 + rank``), yet end with
 the same new LoRA (and, for DMD, the same fake-score LoRA and DMD2 GAN heads): their gradients
 are averaged. Only the main process logs, checkpoints and exports; a stopped launch resumes from
-the main process's checkpoint.
+the main process's checkpoint. Prompts streamed from a webdataset or an encoded folder split the
+same way.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ import torch
 from safetensors.torch import load_file
 from test_training_accelerate import launch
 from test_training_distill import TARGETS
+from test_training_encode import encode_config
+from test_training_prompt_sources import source_captions
 
+from training import encode
 from training.lora_export import read_lora
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,3 +157,44 @@ def test_dmd2_two_processes_train_in_step(tiny_models: Any, tmp_path: Path, fami
     assert [line["step"] for line in lines] == [0, 1]
     assert all("disc/loss" in line and "student/gan" in line for line in lines)
     check_batches(tmp_path, [0, 1])
+
+
+@pytest.mark.parametrize(
+    ("stage", "source", "family"),
+    # each stage from each source, each family twice
+    [
+        ("feedback", "webdataset", "sd15"),
+        ("feedback", "encoded", "sdxl"),
+        ("dmd", "webdataset", "sdxl"),
+        ("dmd", "encoded", "sd15"),
+    ],
+)
+def test_two_processes_stream_prompts_from_a_source(
+    tiny_models: Any, tmp_path: Path, stage: str, source: str, family: str
+) -> None:
+    """Prompts streamed from a webdataset's or an encoded folder's captions: the two processes'
+    batches of a step are the global batch's two halves, in the source's order."""
+    encoding = encode_config(tiny_models, tmp_path, family)  # writes the webdataset (10 samples)
+    prompts = Path(encoding.data_path or "")
+    if source == "encoded":
+        torch.set_num_threads(1)
+        encode.run(encoding)
+        prompts = Path(encoding.out_dir)
+    captions = source_captions(prompts)
+    out = tmp_path / "run"
+    script = tmp_path / "harness.py"
+    script.write_text(HARNESS)
+    # the Shapes judge reads Shapes captions only (these are numbered): the aesthetic reward
+    args = [stage, *common_args(getattr(tiny_models, family), out), f"prompts={prompts}"]
+    args += ["alignment=none", "aesthetic=shapes-aesthetic"]
+    args += [f"aesthetic_path={ROOT / 'models' / 'shapes-aesthetic'}", "structure_weight=0"]
+    launch(script, args)
+    check_in_step(out, ("student", "fake") if stage == "dmd" else ("student",))
+    check_batches(tmp_path, [0, 1])
+    drawn = {
+        rank: [json.loads(line)["captions"] for line in (tmp_path / name).open()]
+        for rank, name in ((0, "captions-rank0.jsonl"), (1, "captions-rank1.jsonl"))
+    }
+    # global batches 0..3 of two captions: step 0 ranks 0, 1, then step 1 ranks 0, 1
+    assert drawn[0] == [captions[0:2], captions[4:6]]
+    assert drawn[1] == [captions[2:4], captions[6:8]]

@@ -20,7 +20,8 @@ than processes); each epoch visits the units in a new order (the same in every p
 
 The feedback and DMD stages sample from the student instead: ``next_batch`` gives each step its
 prompts, rendered Shapes scenes (with their latents and true masks, for the structure loss),
-lines of a prompts file, or the captions of an encoded folder.
+lines of a prompts file, or the captions of a webdataset or an encoded folder (``PromptCycle``:
+read as they are needed).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from PIL import Image
 
 from hypersd.shapes import ShapesDataset
 from training.data_sources import (
+    ENCODED_META,
     EncodedSample,
     RawSample,
     StreamSource,
@@ -54,7 +56,9 @@ from training.data_sources import (
     read_folder,
     read_parquet,
     read_webdataset,
+    read_webdataset_captions,
     share,
+    webdataset_units,
 )
 from training.distributed import process_seed
 from training.segmentation import masks_tensor
@@ -196,13 +200,7 @@ def _units(settings: DataSettings) -> list[Any]:
     if source == "encoded":
         return encoded_units(settings.data_path)
     if source == "webdataset":
-        if settings.data_path is None:
-            raise ValueError("data=webdataset needs data_path=<a .tar file or a folder of them>")
-        path = Path(settings.data_path)
-        shards = sorted(path.glob("*.tar")) if path.is_dir() else [path]
-        if not shards or not shards[0].exists():
-            raise ValueError(f"no .tar shards in {path}")
-        return shards
+        return webdataset_units(settings.data_path)
     raise ValueError(f"data={source!r}; allowed: shapes, folder, webdataset, parquet, encoded")
 
 
@@ -386,7 +384,7 @@ class TrainingData:
         """The source's first ``count`` captions (not Shapes'), e.g. for sample grids."""
         if self.settings.data == "encoded":
             assert self.settings.data_path is not None
-            return encoded_captions(self.settings.data_path)[:count]
+            return list(itertools.islice(encoded_captions(self.settings.data_path), count))
         raw = _read(self.settings, _units(self.settings))
         return [sample.caption for sample in itertools.islice(raw, count)]
 
@@ -412,18 +410,51 @@ class Batch:
     masks: torch.Tensor | None = None
 
 
+class PromptCycle:
+    """The prompts of ``path`` by index, cycled, streamed: a text file (one per non-empty line),
+    a webdataset (a ``.tar`` or a folder of them: the ``.txt`` captions) or an encoded folder
+    (``meta.json``: its captions). Only the reader's position is held: indices asked in order
+    (a run's steps) read on; a smaller one starts the reading again. The number of prompts is
+    learnt at the first end of the source, and later indices wrap around it."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.total = path, 0
+        self._restart()
+
+    def _read(self) -> Iterator[str]:
+        path = Path(self.path)
+        if not path.exists():
+            raise ValueError(f"prompts={self.path}: no such file or folder")
+        if (path / ENCODED_META).exists():
+            captions: Iterable[str] = encoded_captions(self.path)
+        elif path.is_dir() or path.suffix == ".tar":
+            captions = read_webdataset_captions(webdataset_units(self.path))
+        else:
+            captions = path.read_text().splitlines()
+        return (caption.strip() for caption in captions if caption.strip())
+
+    def _restart(self) -> None:
+        self.captions, self.position = self._read(), 0
+
+    def __getitem__(self, index: int) -> str:
+        index = index % self.total if self.total else index
+        if index < self.position:
+            self._restart()
+        for caption in self.captions:
+            self.position += 1
+            if self.position > index:
+                return caption
+        if self.position == 0:
+            raise ValueError(f"no prompts in {self.path}")
+        self.total = self.position  # the end: every prompt counted
+        self._restart()
+        return self[index]
+
+
 @functools.lru_cache(maxsize=4)
-def prompt_list(path: str) -> tuple[str, ...]:
-    """The prompts of a text file (one per non-empty line) or of an encoded folder (its
-    captions), read once."""
-    if Path(path).is_dir():
-        prompts = [caption.strip() for caption in encoded_captions(path)]
-    else:
-        prompts = [line.strip() for line in Path(path).read_text().splitlines()]
-    prompts = [p for p in prompts if p]
-    if not prompts:
-        raise ValueError(f"no prompts in {path}")
-    return tuple(prompts)
+def prompt_cycle(path: str) -> PromptCycle:
+    """The run's ``PromptCycle`` of ``path`` (one per path, so steps read on from the last)."""
+    return PromptCycle(path)
 
 
 def next_batch(
@@ -435,12 +466,13 @@ def next_batch(
     world: int = 1,
 ) -> Batch:
     """Step ``step``'s batch for process ``rank`` of ``world``: Shapes scenes (rendered), or
-    prompts of ``cfg.prompts`` (a text file, or an encoded folder's captions). Each process takes
-    the batch at global index ``step * world + rank``, so processes get different prompts."""
+    prompts of ``cfg.prompts`` (a text file, a webdataset's or an encoded folder's captions:
+    ``PromptCycle``). Each process takes the batch at global index ``step * world + rank``, so
+    processes get different prompts."""
     first = (step * world + rank) * cfg.batch_size
     if cfg.prompts is not None:
-        prompts = prompt_list(cfg.prompts)
-        captions = [prompts[(first + i) % len(prompts)] for i in range(cfg.batch_size)]
+        prompts = prompt_cycle(cfg.prompts)
+        captions = [prompts[first + i] for i in range(cfg.batch_size)]
         side = cfg.resolution // vae_factor(vae)
         shape = (cfg.batch_size, int(vae.config["latent_channels"]), side, side)
         return Batch(captions, shape)

@@ -108,6 +108,29 @@ def read_folder(files: list[Path]) -> Iterator[RawSample]:
 # webdataset
 
 
+def webdataset_units(path: str | None) -> list[Path]:
+    """``data=webdataset``: a ``.tar`` shard, or a folder's ``*.tar`` shards."""
+    if path is None:
+        raise ValueError("data=webdataset needs data_path=<a .tar file or a folder of them>")
+    folder = Path(path)
+    shards = sorted(folder.glob("*.tar")) if folder.is_dir() else [folder]
+    if not shards or not shards[0].exists():
+        raise ValueError(f"no .tar shards in {folder}")
+    return shards
+
+
+def read_webdataset_captions(shards: list[Path]) -> Iterator[str]:
+    """The shards' non-empty ``<key>.txt`` captions, in order; only those members are read (the
+    tar is opened for random access, so the images' data is skipped, not read)."""
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                file = tar.extractfile(member) if member.name.endswith(".txt") else None
+                caption = "" if file is None else file.read().decode().strip()
+                if caption:
+                    yield caption
+
+
 def read_webdataset(shards: list[Path]) -> Iterator[RawSample]:
     """The shards' ``<key>.jpg|png|webp`` + ``<key>.txt`` samples, member by member: a sample is
     yielded as soon as the next key starts (samples without an image or caption are skipped)."""
@@ -236,10 +259,8 @@ def read_encoded(shards: list[Path]) -> Iterator[EncodedSample]:
             )
 
 
-def encoded_captions(path: str) -> list[str]:
-    """Every caption of an encoded folder, in shard order (from the JSON sidecars)."""
-    return [
-        caption
-        for shard in encoded_units(path)
-        for caption in json.loads(shard.with_suffix(".json").read_text())["captions"]
-    ]
+def encoded_captions(path: str) -> Iterator[str]:
+    """The captions of an encoded folder, in shard order (from the JSON sidecars, one at a
+    time)."""
+    for shard in encoded_units(path):
+        yield from json.loads(shard.with_suffix(".json").read_text())["captions"]

@@ -86,7 +86,7 @@ class EnhanceConfig:
     device: str = "auto"
     threads: int = 0
     # prompts: None for Shapes scenes (rendered, for the structure loss), a text file (one per
-    # line), or a folder written by hypersd-train encode (its captions): training.data.next_batch
+    # line), a webdataset (.tar or folder) or an encoded folder: their captions (data.next_batch)
     prompts: str | None = None
     # the new LoRA
     lora_rank: int = 8
