@@ -2,10 +2,12 @@
 
     python -m bench.backends [--models shapes-hyper-1step,shapes-hyper-4step,shapes-base]
                              [--batch-sizes 1,8] [--repeats 5] [--threads 1]
+                             [--backends eager,onnxruntime[,compile]]
 
 Each model runs at its default steps (and guidance: the teacher's UNet batch is twice the image
 batch under CFG). Per backend it measures the start-up cost (load, and for a compiled backend the
-export into an empty cache, then a load from the cache), one UNet call at the batch the pipeline
+export into an empty cache, then a load from the cache; for torch.compile the first call, which
+compiles), one UNet call at the batch the pipeline
 gives it, and one whole `Generator.generate` call (text encoding, all steps, VAE decoding). It
 prints markdown tables of medians, with each backend's speed-up over eager measured in the same
 process, and the largest pixel difference from eager's images for the same seeds.
@@ -28,7 +30,8 @@ from hypersd.pipeline import Generator, ImageRequest, load
 from hypersd.registry import ModelSpec, load_registry
 
 PROMPT = "a small blue triangle to the left of a large yellow square on a black background"
-BACKENDS = ("eager", "onnxruntime")
+# torch.compile is opt-in (--backends eager,onnxruntime,compile): minutes of compiling per shape
+DEFAULT_BACKENDS = ("eager", "onnxruntime")
 
 
 def _names(text: str) -> list[str]:
@@ -109,6 +112,12 @@ def load_backend(spec: ModelSpec, backend: str, cache_dir: Path) -> tuple[Genera
     first = time.perf_counter() - start
     if backend == "eager":
         return generator, f"load {first:.1f} s"
+    if backend == "compile":
+        # torch.compile builds nothing at load: the first call compiles (each new shape again)
+        start = time.perf_counter()
+        generator.generate([ImageRequest(PROMPT, 0)])
+        compiling = time.perf_counter() - start
+        return generator, f"load {first:.1f} s, first call (compiling) {compiling:.1f} s"
     start = time.perf_counter()
     generator = load(variant, device="cpu", warmup=False, cache_dir=cache_dir)
     cached = time.perf_counter() - start
@@ -121,9 +130,14 @@ def main() -> None:
         "--models", type=_names, default=["shapes-hyper-1step", "shapes-hyper-4step", "shapes-base"]
     )
     parser.add_argument("--batch-sizes", type=_ints, default=[1, 8])
+    parser.add_argument(
+        "--backends", type=_names, default=list(DEFAULT_BACKENDS), help="eager first, then others"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="CPU threads of torch and ONNX Runtime")
     args = parser.parse_args()
+    if args.backends[0] != "eager":
+        parser.error("--backends must start with eager: every ratio is against it")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -136,7 +150,7 @@ def main() -> None:
         spec = registry.get(name)
         with tempfile.TemporaryDirectory() as cache_dir:
             generators = {}
-            for backend in BACKENDS:
+            for backend in args.backends:
                 generators[backend], cost = load_backend(spec, backend, Path(cache_dir))
                 startup.append(f"| {name} | {backend} | {cost} |")
             for batch_size in args.batch_sizes:

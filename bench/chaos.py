@@ -39,7 +39,7 @@ from bench.processes import (
     wait_until,
     worker,
 )
-from jobs.store import RedisJobStore
+from jobs.redis_store import RedisJobStore
 
 MODEL = "shapes-base"
 PROMPT = "a small orange circle on a white background"

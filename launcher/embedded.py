@@ -24,11 +24,12 @@ from fastapi import FastAPI
 
 from hypersd.registry import Registry
 from jobs.liveness import Heartbeat
+from jobs.memory_store import MemoryJobStore
 from jobs.record import JobRecord
 from jobs.service_time import MemoryServiceTimes
 from jobs.settings import Settings
 from jobs.states import abandon
-from jobs.store import JobStore, MemoryJobStore
+from jobs.store import JobStore
 from service.app import create_app
 from service.deps import Services
 from service.errors import ApiError

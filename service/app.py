@@ -21,9 +21,9 @@ from redis.retry import Retry
 from hypersd.registry import Registry, load_registry
 from jobs.queue import CeleryQueue, create_celery
 from jobs.record import JobRecord
+from jobs.redis_store import RedisJobStore
 from jobs.service_time import RedisServiceTimes
 from jobs.settings import Settings
-from jobs.store import RedisJobStore
 from jobs.webhooks import WebhookSender
 from service import errors, events, generations, job_service, openai_compat, page, system
 from service.deps import Services

@@ -275,7 +275,7 @@ def test_the_worker_reports_the_backend_in_use(
 ) -> None:
     from prometheus_client import REGISTRY as METRICS
 
-    from jobs.store import MemoryJobStore
+    from jobs.memory_store import MemoryJobStore
     from worker.runner import load_runner
 
     spec = with_backend(registry.get("sd15-nstep"))

@@ -76,7 +76,7 @@ def test_a_tensorrt_model_falls_back_to_eager_unless_strict(
 def test_the_worker_counts_a_tensorrt_fallback(registry: Registry, tmp_path: Path) -> None:
     from prometheus_client import REGISTRY as METRICS
 
-    from jobs.store import MemoryJobStore
+    from jobs.memory_store import MemoryJobStore
     from worker.runner import load_runner
 
     spec = with_fields(registry.get("sd15-nstep"), backend="tensorrt")

@@ -33,6 +33,7 @@ from hypersd.contracts import GenerateRequest
 from hypersd.registry import RegistryError, load_registry
 from jobs.queue import CeleryQueue, create_celery
 from jobs.record import resolve_request
+from jobs.redis_store import RedisJobStore
 from jobs.service_time import (
     CALIBRATION_RANGE,
     MemoryServiceTimes,
@@ -41,7 +42,7 @@ from jobs.service_time import (
     predict_seconds,
 )
 from jobs.settings import Settings
-from jobs.store import RedisJobStore, WorkerInfo
+from jobs.store import WorkerInfo
 from service.admission import Prediction, Predictor
 
 PROMPT = "a small purple cross on a gray background"

@@ -17,9 +17,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from hypersd.registry import Registry
+from jobs.memory_store import MemoryJobStore
 from jobs.record import JobRecord
 from jobs.settings import Settings
-from jobs.store import MemoryJobStore
 from service.app import create_app
 from service.deps import Services
 

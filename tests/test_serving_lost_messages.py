@@ -18,9 +18,9 @@ from hypersd.registry import load_registry
 from jobs.liveness import republish_lost
 from jobs.queue import CeleryQueue, create_celery
 from jobs.record import JobRecord, resolve_request
+from jobs.redis_store import RedisJobStore
 from jobs.settings import Settings
 from jobs.states import cancel
-from jobs.store import RedisJobStore
 
 PROMPT = "a small orange circle on a white background"
 REGISTRY = load_registry(SHIPPED_REGISTRY)

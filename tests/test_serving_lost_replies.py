@@ -26,9 +26,9 @@ from hypersd.contracts import GenerateRequest, JobStatus
 from hypersd.registry import load_registry
 from jobs.queue import CeleryQueue, create_celery
 from jobs.record import JobRecord, resolve_request
+from jobs.redis_store import RedisJobStore
 from jobs.settings import Settings
 from jobs.states import Change, start
-from jobs.store import RedisJobStore
 from service import job_service as jobs
 from worker.runner import load_runner
 

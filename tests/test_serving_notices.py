@@ -13,9 +13,11 @@ import pytest
 import redis
 
 from hypersd.contracts import JobStatus
+from jobs.memory_store import MemoryJobStore
 from jobs.record import JobRecord
+from jobs.redis_store import RedisJobStore
 from jobs.states import finish, start
-from jobs.store import JobStore, MemoryJobStore, RedisJobStore
+from jobs.store import JobStore
 from service import job_service as jobs
 
 

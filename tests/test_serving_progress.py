@@ -12,7 +12,7 @@ import redis
 from serving_fixtures import MODEL, Server, Stack, serving_env, start_server
 
 from jobs.progress import StepReporter
-from jobs.store import RedisJobStore
+from jobs.redis_store import RedisJobStore
 
 PROMPT = "a small orange circle on a white background"
 

@@ -17,7 +17,7 @@ import pytest
 import redis
 from serving_fixtures import MODEL, Server, serving_env, start_server
 
-from jobs.store import RedisJobStore
+from jobs.redis_store import RedisJobStore
 
 PROMPT = "a small purple cross on a gray background"
 KEYS = ("rate", "flight", "depth-a", "depth-b", "depth-c")

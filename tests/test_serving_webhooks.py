@@ -23,10 +23,11 @@ from serving_fixtures import MODEL, Server, Stack, serving_env, start_server, wa
 from hypersd.contracts import GenerateRequest
 from hypersd.registry import load_registry
 from jobs import webhooks
+from jobs.memory_store import MemoryJobStore
 from jobs.record import resolve_request
+from jobs.redis_store import WEBHOOKS, RedisJobStore
 from jobs.settings import Settings
 from jobs.states import cancel
-from jobs.store import WEBHOOKS, MemoryJobStore, RedisJobStore
 from jobs.webhooks import WebhookSender, check_url, sign, verify
 
 SECRET = "test-webhook-secret"

@@ -20,7 +20,7 @@ from serving_fixtures import (
     wait_until,
 )
 
-from jobs.store import RedisJobStore
+from jobs.redis_store import RedisJobStore
 
 DATABASE = 7  # its own Redis database: these workers take no other test's jobs
 

@@ -21,9 +21,9 @@ from prometheus_client import start_http_server
 from hypersd.registry import load_registry
 from jobs.liveness import Heartbeat
 from jobs.queue import TASK_NAME, CeleryQueue, create_celery, queue_name
+from jobs.redis_store import RedisJobStore
 from jobs.service_time import RedisServiceTimes
 from jobs.settings import Settings
-from jobs.store import RedisJobStore
 from worker.runner import load_runner_from_settings
 
 log = logging.getLogger(__name__)
