@@ -12,7 +12,7 @@ PORT ?= 8000
 SHAPES_MODELS := ["shapes-hyper-1step", "shapes-hyper-2step", "shapes-hyper-4step", "shapes-hyper-8step", "shapes-base"]
 
 .PHONY: run test lint install fuzz chaos eval-base eval-final distill-shapes ship-shapes table screenshot \
-	dmd2-shapes dmd-2step-shapes tscd-edge-shapes
+	dmd2-shapes dmd-2step-shapes dmd2-2step-shapes tscd-edge-shapes
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -102,11 +102,13 @@ screenshot: $(VENV)/.installed
 	HYPERSD_SCREENSHOTS=docs $(VENV)/bin/pytest -q tests/test_page.py
 
 # Issue 14's levers for sharper 1- and 2-step models, one run each (resumable; compare them on
-# caption sets 1-2 only, docs/distillation.md): DMD2's GAN term, DMD for 2 steps, and TSCD with
+# caption sets 1-2 only, docs/distillation.md): DMD2's GAN term, DMD (and DMD2) for 2 steps, and TSCD with
 # the sampler's own jump drawn more often.
 dmd2-shapes: $(VENV)/.installed
 	$(TRAIN) dmd --config training/configs/dmd2-shapes.yaml
 dmd-2step-shapes: $(VENV)/.installed
 	$(TRAIN) dmd --config training/configs/dmd-2step-shapes.yaml
+dmd2-2step-shapes: $(VENV)/.installed
+	$(TRAIN) dmd --config training/configs/dmd2-2step-shapes.yaml
 tscd-edge-shapes: $(VENV)/.installed
 	$(TRAIN) tscd --config training/configs/tscd-edge-shapes.yaml
