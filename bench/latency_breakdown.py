@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +25,15 @@ import httpx
 import redis
 
 from bench.machine import describe_machine
-from bench.processes import free_port, gateway, hypersd_env, live_workers, redis_server, worker
+from bench.processes import (
+    free_port,
+    gateway,
+    hypersd_env,
+    live_workers,
+    redis_server,
+    wait_until,
+    worker,
+)
 
 WARMUP = 5
 PHASES = (
@@ -52,11 +59,7 @@ def main() -> None:
         env = hypersd_env(f"redis://127.0.0.1:{port}/0", [args.model])
         gateway_proc, url = gateway(env, folder / "gateway.log")
         processes += [gateway_proc, worker(env, args.model, folder / "worker.log")]
-        deadline = time.monotonic() + 180
-        while live_workers(url, args.model) == 0:
-            if time.monotonic() > deadline:
-                sys.exit(f"no live worker for {args.model} after 180 s (logs in {folder})")
-            time.sleep(0.5)
+        wait_until(lambda: live_workers(url, args.model) > 0, 180, f"a {args.model} worker")
         store = redis.Redis(port=port)
         body = {"prompt": "a red circle", "model": args.model, "steps": args.steps}
         samples: list[dict[str, float]] = []

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import httpx
 import redis
 
 from bench.machine import describe_machine
+from bench.processes import free_port, wait_until
 from hypersd.registry import load_registry
 
 PROMPT = "a large red circle in the center on a white background"
@@ -43,25 +43,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _wait(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except (OSError, httpx.HTTPError, redis.RedisError):
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} not ready after {timeout_s:g} s")
 
 
 @contextmanager
@@ -142,7 +123,7 @@ def _end_to_end(
     env["HYPERSD_SERVED_MODELS"] = json.dumps([args.model or load_registry().default])
     if args.threads:
         env |= {"OMP_NUM_THREADS": str(args.threads), "HYPERSD_TORCH_THREADS": str(args.threads)}
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cli = [sys.executable, "-m", "launcher"]
     with (
@@ -150,7 +131,7 @@ def _end_to_end(
         _process([*cli, "serve", "--port", str(port)], env, logs / "gateway.log"),
         httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=64)) as client,
     ):
-        _wait(lambda: client.get("/readyz").status_code == 200, 180, "gateway and worker")
+        wait_until(lambda: client.get("/readyz").status_code == 200, 180, "gateway and worker")
 
         def call(index: int) -> None:
             body = {"prompt": PROMPT, "steps": args.steps, "seed": index}
@@ -180,13 +161,13 @@ def main() -> None:
 
     direct, direct_wall, device = _direct(args)
     logs = Path(tempfile.mkdtemp(prefix="hypersd-bench-"))
-    port = _free_port()
+    port = free_port()
     redis_args = [args.redis_server, "--port", str(port), "--save", "", "--appendonly", "no"]
     with _process(
         [*redis_args, "--maxmemory-policy", "noeviction"], dict(os.environ), logs / "redis.log"
     ):
         redis_url = f"redis://127.0.0.1:{port}/0"
-        _wait(lambda: bool(redis.Redis.from_url(redis_url).ping()), 10, "redis-server")
+        wait_until(lambda: bool(redis.Redis.from_url(redis_url).ping()), 10, "redis-server")
         batched = _end_to_end(args, redis_url, max(args.concurrency), logs)
         unbatched = _end_to_end(args, redis_url, 1, logs)
 

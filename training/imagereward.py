@@ -34,6 +34,8 @@ from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextModel
 
+from training.rewards import preference_mlp
+
 # ImageReward.py: the reward's normalisation, and the prompt length of its tokenizer calls
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
@@ -118,16 +120,7 @@ class ImageReward(nn.Module):
         self.image_size = size if isinstance(size, int) else int(size[0])
         width = text_config.hidden_size
         # the indices of ImageReward's MLP.layers (the dropouts have no weights)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
+        self.mlp = preference_mlp(width)
 
     def tokens(self, captions: Sequence[str], device: torch.device) -> tuple[Tensor, Tensor]:
         """Token ids and attention mask of the captions, as ImageReward tokenises them."""

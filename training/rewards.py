@@ -47,6 +47,27 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def preference_mlp(width: int) -> nn.Sequential:
+    """The score head of the LAION aesthetic predictor and of ImageReward: width -> 1.
+
+    Both released checkpoints name its linear layers ``0, 2, 4, 6, 7`` (the dropouts between
+    them have no weights), so their state dicts load into it as they are.
+
+    Args:
+        width: the embedding's width (CLIP's projection, or BLIP's text hidden size).
+    """
+    return nn.Sequential(
+        nn.Linear(width, 1024),
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        nn.Linear(16, 1),
+    )
+
+
 @dataclass(frozen=True)
 class RewardSpec:
     """One reward term of the feedback loss.
@@ -77,16 +98,7 @@ class LaionAestheticReward(nn.Module):
     def __init__(self, clip: Any, embed_dim: int) -> None:
         super().__init__()
         self.clip = clip
-        self.layers = nn.Sequential(
-            nn.Linear(embed_dim, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
+        self.layers = preference_mlp(embed_dim)
         size = int(
             clip.config.vision_config.image_size
             if hasattr(clip.config, "vision_config")
