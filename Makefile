@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch is pinned to 2.13.0: on the project's CPU machines that is the local CPU build.
 	$(PY) -m pip install --quiet "torch==2.13.0"
 	$(PY) -m pip install --quiet -e ".[gateway,worker,training,onnx,dev]"
+	# tests/test_fid_inception.py's independent reference; --no-deps: its torchvision requirement
+	# pulls a CUDA torch, and the extractor it is compared against needs neither.
+	$(PY) -m pip install --quiet --no-deps "torch-fidelity==0.4.0"
 	touch $@
 
 install: $(VENV)/.installed

@@ -45,6 +45,7 @@ from training.distill_loop import Stage, discriminator_step, student_step
 from training.distributed import make_accelerator
 from training.enhance import EnhanceConfig
 from training.enhance_loop import Rewards, fake_score_step, student_losses
+from training.loss_scaling import LossScaler
 from training.memory import ARCHITECTURES
 from training.models import Models, build_models, lora_parameters
 from training.objectives.adversarial import adversarial_weight
@@ -177,6 +178,8 @@ def tscd_step(
         disc_optimizer=make_optimizer(
             heads.parameters(), "adamw", cfg.disc_lr, weight_decay=0.01, betas=(0.0, 0.99)
         ),
+        # bf16: no loss scaling (the scalers are off, the steps the plain ones)
+        scalers={"student": LossScaler(device, "bf16"), "disc": LossScaler(device, "bf16")},
     )
     latents, text, empty = _inputs(models, args, device)
     generator = torch.Generator(device).manual_seed(0)
@@ -236,7 +239,17 @@ def enhance_step(
 
     def step() -> None:
         if fake_optimizer is not None:
-            fake_score_step(cfg, models, fake_optimizer, batch, text, autocast, generator, acc)
+            fake_score_step(
+                cfg,
+                models,
+                fake_optimizer,
+                batch,
+                text,
+                autocast,
+                generator,
+                acc,
+                LossScaler(device, "bf16"),
+            )
         with autocast:
             losses = student_losses(
                 cfg, "dmd" if dmd else "feedback", models, rewards, batch, text, empty, generator

@@ -32,10 +32,10 @@ import sys
 from accelerate import PartialState
 from safetensors.torch import save_file
 
-from training import cli, distill, distill_loop
+from training import cli, distill, loss_scaling
 from training.lora_export import lora_state_dict
 
-train_stage, average_gradients = distill.train_stage, distill_loop.average_gradients
+train_stage, average_gradients = distill.train_stage, loss_scaling.average_gradients
 
 
 def rank():
@@ -60,7 +60,8 @@ def averaging(accelerator, params):
     average_gradients(accelerator, params)
 
 
-distill.train_stage, distill_loop.average_gradients = recording, averaging
+# every optimiser step averages its gradients in training.loss_scaling
+distill.train_stage, loss_scaling.average_gradients = recording, averaging
 sys.exit(cli.main(sys.argv[1:]))
 """
 

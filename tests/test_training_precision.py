@@ -101,8 +101,8 @@ def test_precision_settings_are_checked() -> None:
     assert compute_precision("bf16", "no") == "bf16"
     assert compute_precision("fp32", "bf16") == "bf16"
     assert compute_precision("fp32", "no") == "no"
-    with pytest.raises(ValueError, match=r"weight_dtype.*fp32.*bf16"):
-        load_config(DistillConfig, None, ["weight_dtype=fp16"])
+    with pytest.raises(ValueError, match=r"weight_dtype.*fp32.*bf16.*fp16"):
+        load_config(DistillConfig, None, ["weight_dtype=fp8"])
     with pytest.raises(ValueError, match=r"optimizer.*adamw8bit"):
         load_config(DistillConfig, None, ["optimizer=sgd"])
 

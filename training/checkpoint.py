@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,6 +36,18 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, folder: Path, name: str) -
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+class JsonState(Protocol):
+    """State kept as JSON in ``state.json`` (e.g. ``training.loss_scaling.LossScaler``)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state, as JSON values."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state``, a ``state_dict()``."""
+        ...
+
+
 def save_checkpoint(
     folder: str | Path,
     *,
@@ -43,11 +56,21 @@ def save_checkpoint(
     modules: dict[str, torch.nn.Module],
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
     extra: dict[str, Any] | None = None,
+    scalers: Mapping[str, JsonState] | None = None,
 ) -> Path:
     """Write every module and optimizer, the step and the resolved config; atomically.
 
     The checkpoint is written to a temporary folder and renamed, so a run killed
     while saving leaves the previous checkpoint intact.
+
+    Args:
+        folder: the checkpoint's folder (replaced).
+        step: the optimisation steps done.
+        config: the run's resolved config.
+        modules: {file name: module} saved as safetensors.
+        optimizers: {name: optimizer}, tensors as safetensors and the rest as JSON.
+        extra: more JSON values for ``state.json``.
+        scalers: {name: loss scaler} (``training.loss_scaling``), in ``state.json``.
     """
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -61,6 +84,8 @@ def save_checkpoint(
         save_file(tensors, tmp / f"optimizer-{name}.safetensors")
         (tmp / f"optimizer-{name}.json").write_text(json.dumps(meta))
     state = {"step": step, "config": config, **(extra or {})}
+    if scalers:
+        state["loss_scaling"] = {name: scaler.state_dict() for name, scaler in scalers.items()}
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
@@ -72,11 +97,26 @@ def load_checkpoint(
     *,
     modules: dict[str, torch.nn.Module],
     optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    scalers: Mapping[str, JsonState] | None = None,
 ) -> dict[str, Any]:
-    """Restore modules and optimizers in place; returns the saved state (step, config, extra)."""
+    """Restore modules, optimizers and loss scalers in place; returns the saved state (step,
+    config, extra).
+
+    Args:
+        folder: the checkpoint's folder.
+        modules: {file name: module} to load into.
+        optimizers: {name: optimizer} to load into.
+        scalers: {name: loss scaler} to load into; one the checkpoint lacks (saved before
+            loss scaling existed) keeps its fresh state.
+    """
     folder = Path(folder)
     for name, module in modules.items():
         module.load_state_dict(load_file(folder / f"{name}.safetensors"))
     for name, optimizer in (optimizers or {}).items():
         _load_optimizer(optimizer, folder, f"optimizer-{name}")
-    return dict(json.loads((folder / "state.json").read_text()))
+    state = dict(json.loads((folder / "state.json").read_text()))
+    saved = state.get("loss_scaling", {})
+    for name, scaler in (scalers or {}).items():
+        if name in saved:
+            scaler.load_state_dict(saved[name])
+    return state

@@ -13,6 +13,7 @@ STAGES = {
     "segmentation": "training.segmentation:main",
     "evaluate": "training.evaluate:main",
     "convert-imagereward": "training.imagereward:main",
+    "convert-inception": "training.inception:main",
     "eval-summary": "training.eval_summary:main",
     "encode": "training.encode:main",
     "tscd": "training.distill:main",

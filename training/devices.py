@@ -33,15 +33,19 @@ def to_device(module: ModuleT, device: torch.device, dtype: torch.dtype | None =
     return module
 
 
-# The frozen networks' dtype (the trained LoRAs stay fp32). No fp16: the loops do not scale the
-# loss, and the gradients of their per-element-mean losses (an MSE over 8 x 4 x 128 x 128
-# latents: ~1e-7 per element) fall below fp16's normal range.
-WeightDtype = Literal["fp32", "bf16"]
-_TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The frozen networks' dtype (the trained LoRAs stay fp32). fp16 runs with loss scaling
+# (``training.loss_scaling``): the gradients of the loops' per-element-mean losses (an MSE over
+# 8 x 4 x 128 x 128 latents: ~1e-7 per element) fall below fp16's normal range unscaled.
+WeightDtype = Literal["fp32", "bf16", "fp16"]
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 def torch_dtype(name: WeightDtype) -> torch.dtype:
-    """The torch dtype of a ``weight_dtype`` setting: fp32 or bf16."""
+    """The torch dtype of a ``weight_dtype`` setting ``name``: fp32, bf16 or fp16."""
     if name not in _TORCH_DTYPES:
-        raise ValueError(f"weight_dtype must be one of fp32, bf16; got {name!r}")
+        raise ValueError(f"weight_dtype must be one of fp32, bf16, fp16; got {name!r}")
     return _TORCH_DTYPES[name]

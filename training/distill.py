@@ -125,12 +125,17 @@ class DistillConfig:
     # the discriminator's real class: data latents, or "teacher": the teacher trajectory's
     # x_{t_end} (the consistency target), so it judges the jump rather than the data's look
     adversarial_real: AdversarialReal = "data"
-    # memory / speed: mixed_precision bf16 autocasts the networks; weight_dtype bf16 also stores
-    # the frozen weights (teacher, VAE, text encoders, the student's base) in bf16, which implies
-    # bf16 autocast; the LoRAs, heads and optimizer states stay fp32 (adamw8bit: 8-bit states,
-    # needs bitsandbytes). `hypersd-train tscd --config FILE --dry-run` estimates the memory.
+    # memory / speed: mixed_precision (no | bf16 | fp16) autocasts the networks; weight_dtype
+    # (fp32 | bf16 | fp16) also stores the frozen weights (teacher, VAE, text encoders, the
+    # student's base) in that type, which implies its autocast; fp16 scales the losses
+    # (training.loss_scaling, state kept in checkpoints); the LoRAs, heads and optimizer states
+    # stay fp32 (adamw8bit: 8-bit states, needs bitsandbytes).
+    # `hypersd-train tscd --config FILE --dry-run` estimates the memory.
     mixed_precision: MixedPrecision = "no"
     weight_dtype: WeightDtype = "fp32"
+    # fp16: the first loss scale (halved at each overflowing, skipped step, doubled after 2000
+    # clean ones); lower it where the first steps are skipped
+    loss_scale: float = 65536.0
     optimizer: OptimizerKind = "adamw"
     gradient_checkpointing: bool = False
     # LCM baseline

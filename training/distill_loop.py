@@ -25,8 +25,14 @@ from training.base import RunLog
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import config_to_dict
 from training.data import TrainingData, batch_latents
-from training.distributed import average_gradients, mean_over_processes, process_seed
+from training.distributed import (
+    autocast,
+    compute_precision,
+    mean_over_processes,
+    process_seed,
+)
 from training.lora_export import load_lora_into, read_lora
+from training.loss_scaling import LossScaler
 from training.models import Models, lora_parameters
 from training.objectives.adversarial import adversarial_weight
 from training.objectives.lcm import lcm_losses
@@ -110,9 +116,13 @@ class Stage:
     optimizer: Optimizer
     heads: nn.Module | None  # the discriminator heads, with the adversarial term
     disc_optimizer: Optimizer | None
+    # fp16 loss scaling ("student", and "disc" with the heads; disabled otherwise)
+    scalers: dict[str, LossScaler]
 
-    def checkpointed(self) -> tuple[dict[str, nn.Module], dict[str, Optimizer]]:
-        """The modules and optimizers of the stage's checkpoint, by their file names."""
+    def checkpointed(
+        self,
+    ) -> tuple[dict[str, nn.Module], dict[str, Optimizer], dict[str, LossScaler]]:
+        """The modules, optimizers and loss scalers of the stage's checkpoint, by name."""
         modules: dict[str, nn.Module] = {
             "lora": nn.ParameterList(self.student_params),
             "target": nn.ParameterList(self.target_params),
@@ -121,7 +131,7 @@ class Stage:
         if self.heads is not None and self.disc_optimizer is not None:
             modules["heads"] = self.heads
             optimizers["disc"] = self.disc_optimizer
-        return modules, optimizers
+        return modules, optimizers, self.scalers
 
 
 def start_stage(
@@ -146,6 +156,8 @@ def start_stage(
     ema_update(target_params, student_params, 0.0)  # target = student at the stage's start
     optimizer = make_optimizer(student_params, cfg.optimizer, cfg.lr)
     weight = adversarial_weight(k) * cfg.adversarial_scale if method == "tscd" else 0.0
+    precision = compute_precision(cfg.weight_dtype, cfg.mixed_precision)
+    scalers = {"student": LossScaler(accelerator.device, precision, cfg.loss_scale)}
     heads, disc_optimizer = None, None
     if models.discriminator is not None and weight > 0:
         heads = models.discriminator.heads
@@ -156,6 +168,7 @@ def start_stage(
         disc_optimizer = make_optimizer(  # torch AdamW's default weight decay, 0.01
             heads.parameters(), cfg.optimizer, cfg.disc_lr, weight_decay=0.01, betas=(0.0, 0.99)
         )
+        scalers["disc"] = LossScaler(accelerator.device, precision, cfg.loss_scale)
     stage = Stage(
         method=method,
         k=k,
@@ -167,12 +180,14 @@ def start_stage(
         optimizer=optimizer,
         heads=heads,
         disc_optimizer=disc_optimizer,
+        scalers=scalers,
     )
     step = 0
     checkpoint = folder / "checkpoint"
-    modules, optimizers = stage.checkpointed()
+    modules, optimizers, scalers = stage.checkpointed()
     if (checkpoint / "state.json").exists():
-        step = load_checkpoint(checkpoint, modules=modules, optimizers=optimizers)["step"]
+        saved = load_checkpoint(checkpoint, modules=modules, optimizers=optimizers, scalers=scalers)
+        step = saved["step"]
         accelerator.print(f"{folder.name}: resumed from {checkpoint} at step {step}")
     if accelerator.num_processes > 1:
         # what DDP does on wrapping: every process starts from the main process's weights
@@ -182,7 +197,7 @@ def start_stage(
 
 def save_stage(cfg: DistillConfig, stage: Stage, step: int) -> None:
     """The stage's checkpoint after ``step`` optimisation steps."""
-    modules, optimizers = stage.checkpointed()
+    modules, optimizers, scalers = stage.checkpointed()
     save_checkpoint(
         stage.folder / "checkpoint",
         step=step,
@@ -190,6 +205,7 @@ def save_stage(cfg: DistillConfig, stage: Stage, step: int) -> None:
         modules=modules,
         optimizers=optimizers,
         extra={"method": stage.method, "k": stage.k},
+        scalers=scalers,
     )
 
 
@@ -204,7 +220,8 @@ def student_step(
     generator: torch.Generator,
 ) -> tuple[dict[str, float], TSCDPrediction | None]:
     """The student's update on one batch: its loss, the gradients averaged over processes and
-    clipped, an AdamW step, then the EMA target's update.
+    clipped, an AdamW step (skipped on fp16 overflow), then the EMA target's update (none after
+    a skipped step: the student did not move).
 
     Returns the loss terms, and TSCD's prediction of the batch for the discriminator's step.
     """
@@ -213,8 +230,9 @@ def student_step(
     assert target is not None
     guidance = tuple(cfg.guidance_range)
     prediction = None
-    # cfg.mixed_precision, through the Accelerator (bf16 autocast, or nothing)
-    with accelerator.autocast():
+    # the run's autocast: bf16, fp16 or nothing (compute_precision)
+    precision = compute_precision(cfg.weight_dtype, cfg.mixed_precision)
+    with autocast(latents.device, precision):
         if stage.method == "tscd":
             # made once: the student's loss and the discriminator's step share it
             prediction = tscd_predict(
@@ -262,12 +280,10 @@ def student_step(
                 huber_c=cfg.huber_c,
                 generator=generator,
             )
-    stage.optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    average_gradients(accelerator, stage.student_params)
-    torch.nn.utils.clip_grad_norm_(stage.student_params, cfg.grad_clip)
-    stage.optimizer.step()
-    if not online:
+    applied = stage.scalers["student"].update(
+        losses["loss"], stage.optimizer, stage.student_params, accelerator, cfg.grad_clip
+    )
+    if applied and not online:
         ema_update(stage.target_params, stage.student_params, cfg.ema_decay)
     return {f"student/{key}": float(v.detach()) for key, v in losses.items()}, prediction
 
@@ -287,7 +303,7 @@ def discriminator_step(
     of it, both re-noised into the stage's segment."""
     assert models.discriminator is not None and stage.heads is not None
     assert stage.disc_optimizer is not None
-    with accelerator.autocast():
+    with autocast(latents.device, compute_precision(cfg.weight_dtype, cfg.mixed_precision)):
         losses = tscd_discriminator_losses(
             models.discriminator,
             prediction,
@@ -299,11 +315,10 @@ def discriminator_step(
             real=cfg.adversarial_real,
             generator=generator,
         )
-    # the student's generator loss left gradients on the heads: zero_grad drops them
-    stage.disc_optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    average_gradients(accelerator, list(stage.heads.parameters()))
-    stage.disc_optimizer.step()
+    # the student's generator loss left gradients on the heads: the update's zero_grad drops them
+    stage.scalers["disc"].update(
+        losses["loss"], stage.disc_optimizer, list(stage.heads.parameters()), accelerator
+    )
     return {f"disc/{key}": float(v.detach()) for key, v in losses.items()}
 
 
@@ -359,10 +374,12 @@ def train_stage(
             else:
                 text = models.encode(train_batch.captions, micro)
             empty = models.encode.unconditional(micro)
-        # 4. the learning rate: linear warm-up, then constant (the LCM scripts' schedule)
+        # 4. the learning rate: linear warm-up, then constant (the LCM scripts' schedule), over
+        # the updates made (fp16 steps skipped on overflow do not count)
+        updates = step - stage.scalers["student"].skipped
         for group in stage.optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(
-                step, warmup_steps=cfg.warmup_steps, total_steps=total, schedule="constant"
+                updates, warmup_steps=cfg.warmup_steps, total_steps=total, schedule="constant"
             )
         # 5. the student's step: consistency distance (+ adversarial generator loss), EMA
         values, prediction = student_step(

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from training.devices import WeightDtype, resolve_device
 
-MixedPrecision = Literal["no", "bf16"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
 
 
 def make_accelerator(
@@ -42,13 +42,40 @@ def make_accelerator(
 
 
 def compute_precision(weight_dtype: WeightDtype, mixed_precision: MixedPrecision) -> MixedPrecision:
-    """The autocast a run needs: bf16 whenever the frozen weights are bf16 (their layers take
-    fp32 inputs only under autocast), else ``mixed_precision``."""
-    if weight_dtype == "bf16":
-        return "bf16"
-    if weight_dtype != "fp32":
-        raise ValueError(f"weight_dtype must be one of fp32, bf16; got {weight_dtype!r}")
-    return mixed_precision
+    """The autocast a run needs: the frozen weights' half type whenever they are bf16 or fp16
+    (their layers take fp32 inputs only under autocast), else ``mixed_precision``.
+
+    Args:
+        weight_dtype: the frozen weights' dtype: fp32, bf16 or fp16.
+        mixed_precision: the autocast asked for: no, bf16 or fp16; with half weights it must be
+            theirs (or no).
+    """
+    if weight_dtype not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"weight_dtype must be one of fp32, bf16, fp16; got {weight_dtype!r}")
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be one of no, bf16, fp16; got {mixed_precision!r}")
+    if weight_dtype == "fp32":
+        return mixed_precision
+    if mixed_precision not in ("no", weight_dtype):
+        raise ValueError(
+            f"weight_dtype={weight_dtype} runs under {weight_dtype} autocast: mixed_precision "
+            f"must be one of no, {weight_dtype}; got {mixed_precision!r}"
+        )
+    return weight_dtype
+
+
+def autocast(device: torch.device, precision: MixedPrecision) -> torch.autocast:
+    """The loops' autocast for ``precision`` (``compute_precision``) on ``device``'s type.
+
+    torch's own rather than ``Accelerator.autocast``: accelerate runs fp16 natively only off
+    the CPU, and the fp16 weights need the autocast on CPU too.
+
+    Args:
+        device: where the networks run.
+        precision: no (a disabled autocast), bf16 or fp16.
+    """
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype, enabled=precision != "no")
 
 
 def process_seed(seed: int, rank: int) -> int:

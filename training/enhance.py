@@ -149,12 +149,17 @@ class EnhanceConfig:
     gan_disc_weight: float = 1e-2
     gan_loss: GanLoss = "non-saturating"  # DMD2's softplus pair, or hinge
     gan_hidden: int = 64  # the width of each head's hidden conv
-    # memory / speed: mixed_precision bf16 autocasts the networks; weight_dtype bf16 also stores
-    # the frozen weights (teacher, VAE, text encoders, the student's, fake score's and anchor's
-    # base layers) in bf16, which implies bf16 autocast; the LoRAs, heads and optimizer states
-    # stay fp32 (adamw8bit: 8-bit states, needs bitsandbytes). --dry-run estimates the memory.
+    # memory / speed: mixed_precision (no | bf16 | fp16) autocasts the networks; weight_dtype
+    # (fp32 | bf16 | fp16) also stores the frozen weights (teacher, VAE, text encoders, the
+    # student's, fake score's and anchor's base layers) in that type, which implies its
+    # autocast; fp16 scales the losses (training.loss_scaling, state kept in checkpoints); the
+    # LoRAs, heads and optimizer states stay fp32 (adamw8bit: 8-bit states, needs
+    # bitsandbytes). --dry-run estimates the memory.
     mixed_precision: MixedPrecision = "no"
     weight_dtype: WeightDtype = "fp32"
+    # fp16: the first loss scale (halved at each overflowing, skipped step, doubled after 2000
+    # clean ones); lower it where the first steps are skipped
+    loss_scale: float = 65536.0
     optimizer: OptimizerKind = "adamw"
     gradient_checkpointing: bool = False
     # bookkeeping

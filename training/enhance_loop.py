@@ -25,13 +25,14 @@ from training.base import RunLog
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import config_to_dict
 from training.data import Batch, next_batch
-from training.distributed import average_gradients, mean_over_processes, process_seed
+from training.distributed import autocast, compute_precision, mean_over_processes, process_seed
 from training.instance_structure import (
     InstanceSegmenter,
     is_instance_segmenter,
     load_instance_segmenter,
     real_structure_loss,
 )
+from training.loss_scaling import LossScaler
 from training.models import Models, lora_parameters
 from training.objectives.dmd import (
     dmd_losses,
@@ -207,23 +208,36 @@ def fake_score_step(
     optimizer: torch.optim.Optimizer,
     batch: Batch,
     text: Tensor,
-    autocast: torch.autocast,
+    amp: torch.autocast,
     generator: torch.Generator,
     accelerator: Accelerator,
+    scaler: LossScaler,
 ) -> dict[str, float]:
     """DMD's fake score catches up with the student: ``fake_updates`` steps of its diffusion
     loss on the student's current outputs (made without grad: the student stays put); with the
     GAN term, the heads' loss on the batch's renders against those outputs is added (DMD2).
-    Each update's gradients are averaged over processes."""
+    Each update's gradients are averaged over processes, its loss scaled by ``scaler`` (fp16).
+
+    Args:
+        cfg: the stage's config.
+        models: the stage's networks (with the fake score).
+        optimizer: the fake score's (and GAN heads') optimizer.
+        batch: this step's prompts (and Shapes renders).
+        text: the prompts' conditioning.
+        amp: the run's autocast (``training.distributed.autocast``).
+        generator: the step's random source.
+        accelerator: this process's Accelerator.
+        scaler: the fake score's loss scaler.
+    """
     assert models.fake_score is not None
     alphas = models.alphas_cumprod
     schedule = student_schedule(cfg, alphas.shape[0])
     values: dict[str, Tensor] = {}
     for _ in range(cfg.fake_updates):
         noise = torch.randn(batch.latent_shape, generator=generator, device=text.device)
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), amp:
             generated = sample_x0(models.student, noise, text, alphas, schedule)
-        with autocast:
+        with amp:
             fake = fake_score_losses(
                 models.fake_score, generated, alphas, text, generator=generator
             )
@@ -242,10 +256,7 @@ def fake_score_step(
                 )
                 loss = loss + cfg.gan_disc_weight * gan["loss"]
                 values |= {f"disc/{key}": value for key, value in gan.items()}
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(accelerator, optimizer_params(optimizer))
-        optimizer.step()
+        scaler.update(loss, optimizer, optimizer_params(optimizer), accelerator)
     return {key: float(value.detach()) for key, value in values.items()}
 
 
@@ -278,6 +289,9 @@ def train(
     optimizer = make_optimizer(student_params, cfg.optimizer, cfg.lr)
     modules: dict[str, torch.nn.Module] = {"lora": torch.nn.ParameterList(student_params)}
     optimizers: dict[str, torch.optim.Optimizer] = {"student": optimizer}
+    # fp16 loss scaling, one scaler per optimizer (disabled otherwise)
+    precision = compute_precision(cfg.weight_dtype, cfg.mixed_precision)
+    scalers = {name: LossScaler(device, precision, cfg.loss_scale) for name in optimizers}
     fake_optimizer = None
     if models.fake_score is not None:
         fake_params = lora_parameters(models.fake_score)
@@ -287,10 +301,12 @@ def train(
             fake_params = fake_params + list(models.discriminator.heads.parameters())
         fake_optimizer = make_optimizer(fake_params, cfg.optimizer, cfg.fake_lr)
         optimizers["fake"] = fake_optimizer
+        scalers["fake"] = LossScaler(device, precision, cfg.loss_scale)
     step = 0
     checkpoint = out / "checkpoint"
     if (checkpoint / "state.json").exists():
-        step = load_checkpoint(checkpoint, modules=modules, optimizers=optimizers)["step"]
+        saved = load_checkpoint(checkpoint, modules=modules, optimizers=optimizers, scalers=scalers)
+        step = saved["step"]
         accelerator.print(f"{method}: resumed from {checkpoint} at step {step}")
     if world > 1:
         # what DDP does on wrapping: every process starts from the main process's weights
@@ -307,17 +323,16 @@ def train(
             modules=modules,
             optimizers=optimizers,
             extra={"method": method},
+            scalers=scalers,
         )
 
     # 2. the loop's inputs: the empty caption (DMD's CFG), the random source (per process,
-    # rank 0 keeping the single-process seed), autocast (cfg's precision: bf16 or none)
+    # rank 0 keeping the single-process seed), autocast (cfg's precision: bf16, fp16 or none)
     log = RunLog(out / "log.jsonl")
     empty = models.encode.unconditional()  # SDXL: zeros, as its pipeline (teacher.py)
     generator = torch.Generator(device).manual_seed(process_seed(cfg.seed * 1000 + step, rank))
     stop_at = step + cfg.stop_after if cfg.stop_after else None
-    autocast = torch.autocast(
-        device.type, torch.bfloat16, enabled=accelerator.mixed_precision == "bf16"
-    )
+    amp = autocast(device, precision)
     progress = tqdm(
         range(step, cfg.steps), desc=method, initial=step, total=cfg.steps, disable=not main
     )
@@ -337,24 +352,31 @@ def train(
         # 4. (DMD) the fake score catches up with the student's current outputs
         if fake_optimizer is not None:
             values |= fake_score_step(
-                cfg, models, fake_optimizer, batch, text, autocast, generator, accelerator
+                cfg,
+                models,
+                fake_optimizer,
+                batch,
+                text,
+                amp,
+                generator,
+                accelerator,
+                scalers["fake"],
             )
-        # 5. the student's update: linear warm-up, then constant or cosine learning rate
+        # 5. the student's update: linear warm-up, then constant or cosine learning rate, over
+        # the updates made (fp16 steps skipped on overflow do not count)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(
-                step,
+                step - scalers["student"].skipped,
                 warmup_steps=cfg.warmup_steps,
                 total_steps=cfg.steps,
                 schedule=cfg.lr_schedule,
                 floor=0.1,
             )
-        with autocast:
+        with amp:
             losses = student_losses(cfg, method, models, rewards, batch, text, empty, generator)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        average_gradients(accelerator, student_params)
-        torch.nn.utils.clip_grad_norm_(student_params, cfg.grad_clip)
-        optimizer.step()
+        scalers["student"].update(
+            losses["loss"], optimizer, student_params, accelerator, cfg.grad_clip
+        )
         values |= {f"student/{key}": float(v.detach()) for key, v in losses.items()}
         # 6. log (the global batch's losses), checkpoint
         if step % cfg.log_every == 0 or step + 1 == cfg.steps:

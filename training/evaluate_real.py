@@ -11,8 +11,10 @@ same seed per prompt at every step count, and measures, per step count:
   ``--aesthetic-head``, its MLP as safetensors; ``training.rewards``);
 * ``imagereward``: ImageReward (``--imagereward``: the folder ``convert-imagereward`` wrote);
 * ``pickscore``: PickScore or HPS v2 (``--pickscore``: a CLIPModel folder);
-* ``fid``: FID_CLIP against ``--fid-reference`` (an image folder, e.g. COCO images), features
-  from ``--fid-features`` (a local CLIP folder; ``training.fid``).
+* ``fid``: FID against ``--fid-reference`` (an image folder, e.g. COCO images), in CLIP features
+  from ``--fid-features`` (a local CLIP folder: FID_CLIP) or in Inception-v3 features from
+  ``--fid-inception`` (``convert-inception``'s safetensors: the FID of published tables);
+  ``training.fid``. The table's column and the JSON's ``fid_features`` name the space.
 
 A metric whose weights are not given is left out of the table (and the reason printed). The
 results go to ``OUT/real-eval.md`` (markdown: rows = steps, columns = metrics), ``OUT/
@@ -31,16 +33,17 @@ from typing import Any
 import torch
 from PIL import Image
 
-from training.fid import ClipFeatures, fid, folder_features, to_tensor
+from training.fid import FeatureSpace, fid, folder_features, load_features, to_tensor
 
-# metric -> the table's column title
+# metric -> the table's column title (FID's names its feature space: ``format_table``)
 COLUMNS = {
     "clip_score": "CLIP score",
     "aesthetic": "Aesthetic",
     "imagereward": "ImageReward",
     "pickscore": "PickScore",
-    "fid": "FID (CLIP)",
+    "fid": "FID",
 }
+FID_SPACES: dict[FeatureSpace, str] = {"clip": "CLIP", "inception": "Inception"}
 ScoreFn = Callable[[torch.Tensor, Sequence[str]], torch.Tensor]
 
 
@@ -147,13 +150,23 @@ def mean_score(
     return float(torch.cat(values).mean())
 
 
-def format_table(rows: dict[int, dict[str, float]], label: str) -> str:
-    """The paper's table: one row per step count, one column per metric (markdown)."""
+def format_table(
+    rows: dict[int, dict[str, float]], label: str, fid_space: FeatureSpace = "clip"
+) -> str:
+    """The paper's table: one row per step count, one column per metric (markdown).
+
+    Args:
+        rows: {steps: {metric: value}}.
+        label: the line above the table.
+        fid_space: the FID's feature space, named in its column: ``FID (CLIP)``,
+            ``FID (Inception)``.
+    """
     metrics = [m for m in COLUMNS if any(m in row for row in rows.values())]
+    titles = COLUMNS | {"fid": f"FID ({FID_SPACES[fid_space]})"}
     lines = [
         f"{label}",
         "",
-        "| steps | " + " | ".join(COLUMNS[m] for m in metrics) + " |",
+        "| steps | " + " | ".join(titles[m] for m in metrics) + " |",
         "|---:" * (len(metrics) + 1) + "|",
     ]
     for steps, row in rows.items():
@@ -184,7 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--imagereward", help="a converted ImageReward folder")
     parser.add_argument("--pickscore", help="PickScore / HPS v2: a local CLIPModel folder")
     parser.add_argument("--fid-reference", help="FID: a folder of reference images")
-    parser.add_argument("--fid-features", help="FID: a local CLIP folder for the features")
+    fid_features = parser.add_mutually_exclusive_group()
+    fid_features.add_argument("--fid-features", help="FID in CLIP features: a local CLIP folder")
+    fid_features.add_argument(
+        "--fid-inception",
+        help="FID in Inception-v3 features: the .safetensors convert-inception wrote",
+    )
     parser.add_argument("--out", default="runs/evaluate-real", help="output folder")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if any)")
     parser.add_argument("--threads", type=int, default=0)
@@ -196,9 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.threads:
         torch.set_num_threads(args.threads)
-    if bool(args.fid_reference) != bool(args.fid_features):
-        print("--fid-reference and --fid-features go together", file=sys.stderr)
+    if bool(args.fid_reference) != bool(args.fid_features or args.fid_inception):
+        print(
+            "--fid-reference goes with one of --fid-features (CLIP) or --fid-inception",
+            file=sys.stderr,
+        )
         return 2
+    fid_space: FeatureSpace = "inception" if args.fid_inception else "clip"
     steps = [int(n) for n in args.steps_list.split(",") if n.strip()]
     prompts = read_prompts(args.prompts)
     spec = model_spec(args)
@@ -213,15 +235,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, score in score_models(args, device).items():
         for n in steps:
             rows[n][name] = mean_score(score, images[n], prompts, args.batch_size, device)
+    report: dict[str, Any] = {"model": spec.name, "recipe": spec.recipe, "prompts": len(prompts)}
     if args.fid_reference:
-        features = ClipFeatures(args.fid_features, device)
+        weights = args.fid_inception or args.fid_features
+        features = load_features(fid_space, weights, device)
         reference = folder_features(features, args.fid_reference)
         for n in steps:
             rows[n]["fid"] = fid(features(images[n]), reference)
+        report |= {"fid_features": fid_space, "fid_weights": str(weights)}
     label = f"{spec.name} ({spec.recipe}), {len(prompts)} prompts, seed {args.seed}"
-    table = format_table(rows, label)
+    table = format_table(rows, label, fid_space)
     (out / "real-eval.md").write_text(table)
-    report = {"model": spec.name, "recipe": spec.recipe, "prompts": len(prompts), "rows": rows}
+    report["rows"] = rows
     (out / "real-eval.json").write_text(json.dumps(report, indent=2))
     print(table)
     return 0

@@ -289,7 +289,7 @@ class _Setting:
     folder: Path
     batch: int
     resolution: int
-    weight_dtype: str  # fp32 | bf16
+    weight_dtype: str  # fp32 | bf16 | fp16
     weight_bytes: int
     activation_dtype: torch.dtype
     optimizer_bytes: int
@@ -297,14 +297,16 @@ class _Setting:
 
 
 def _setting(cfg: DistillConfig | EnhanceConfig, architecture: Architecture | None) -> _Setting:
-    bf16 = compute_precision(cfg.weight_dtype, cfg.mixed_precision) == "bf16"
+    # activations in the autocast's half type (bf16 or fp16), else fp32
+    precision = compute_precision(cfg.weight_dtype, cfg.mixed_precision)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}
     return _Setting(
         folder=architecture_folder(cfg.teacher, architecture),
         batch=cfg.batch_size,
         resolution=cfg.resolution,
         weight_dtype=cfg.weight_dtype,
-        weight_bytes=2 if cfg.weight_dtype == "bf16" else 4,
-        activation_dtype=torch.bfloat16 if bf16 else torch.float32,
+        weight_bytes=2 if cfg.weight_dtype in half else 4,
+        activation_dtype=half.get(precision, torch.float32),
         optimizer_bytes=2 if cfg.optimizer == "adamw8bit" else 8,
         checkpointing=cfg.gradient_checkpointing,
     )

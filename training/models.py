@@ -77,7 +77,7 @@ def build_models(
             heads, the fake score (DMD), the VAE's decoder (the feedback rewards).
         weight_dtype: the frozen weights' dtype (text encoders, VAE, teacher, the student's
             and fake score's base layers, the anchor); the LoRAs and heads stay fp32. bf16
-            needs the networks run under bf16 autocast.
+            and fp16 need the networks run under their autocast (fp16 also loss scaling).
         ema_target: add ``target``, a copy of the student (TSCD and LCM).
         discriminator_hidden: add TSCD's discriminator heads of this width over the teacher.
         fake_score_lora: add DMD's ``fake_score``, a copy of the teacher with this LoRA.
