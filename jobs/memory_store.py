@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 from hypersd.contracts import JobStatus
 from jobs.record import JobRecord
 from jobs.states import Change
-from jobs.store import FinishWaiters, IdempotencyConflict, WorkerInfo
+from jobs.store import FinishWaiters, IdempotencyConflict, Watch, WorkerInfo
 
 
 class MemoryJobStore:
@@ -79,11 +79,21 @@ class MemoryJobStore:
         start = 0 if after is None else ids.index(after) + 1
         return owned[start : start + limit], len(owned) > start + limit
 
-    def update(self, job_id: str, change: Change) -> JobRecord | None:
+    def update(
+        self,
+        job_id: str,
+        change: Change,
+        *,
+        images: Sequence[bytes] = (),
+        known: JobRecord | None = None,  # reading a dict costs nothing: the job is always read
+    ) -> JobRecord | None:
         with self._lock:
             record = self._jobs.get(job_id)
             new = None if record is None else change(record)
             if new is not None:
+                # under the lock, so no reader sees the job ended without its images
+                for index, data in enumerate(images):
+                    (self.images_dir / f"{job_id}-{index}").write_bytes(data)
                 self._jobs[job_id] = new
                 if new.status.terminal:
                     self._finished[(new.model, new.status.value)] += 1
@@ -91,15 +101,11 @@ class MemoryJobStore:
                     if new.webhook is not None:
                         self._webhooks.setdefault(job_id, (time.time(), 0))
         if new is not None and new.status.terminal:
-            self._waiters.wake(job_id)
+            self._waiters.wake(job_id, new)
         return new
 
-    def watch(self, job_id: str) -> AbstractContextManager[asyncio.Event]:
+    def watch(self, job_id: str) -> AbstractContextManager[Watch]:
         return self._waiters.watch(job_id)
-
-    def put_images(self, job_id: str, images: list[bytes]) -> None:
-        for index, data in enumerate(images):
-            (self.images_dir / f"{job_id}-{index}").write_bytes(data)
 
     def get_image(self, job_id: str, index: int) -> bytes | None:
         if self.get(job_id) is None:

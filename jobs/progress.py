@@ -2,7 +2,9 @@
 
 The gateway shows it as the job's `step` and streams it on `GET /v1/generations/{id}/events`.
 A batch runs several jobs in one pipeline call, so one step is every job's step. Progress is a
-hint: a write that fails (Redis restarting) is skipped, never holding the batch up.
+hint: a write that fails (Redis restarting) is skipped, never holding the batch up. A 1-step batch
+writes none: its one step is the whole denoising, after which the job ends a decode later, so the
+write would tell a client nothing that "running" does not, and it would cost the job a round trip.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class StepReporter:
     Args:
         store: The job store.
         job_ids: The jobs of the batch.
-        total: The batch's steps; the last one is always written.
+        total: The batch's steps; the last one is always written (unless it is the only one).
         min_interval_s: The least time between two writes.
     """
 
@@ -46,6 +48,8 @@ class StepReporter:
         self._lock = threading.Lock()
 
     def __call__(self, step: int) -> None:
+        if self.total == 1:
+            return
         now = time.monotonic()
         with self._lock:
             if step < self.total and now - self._last < self.min_interval_s:

@@ -3,11 +3,11 @@ gateway replica and worker (`jobs.store.JobStore`)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 import redis
@@ -15,7 +15,7 @@ import redis
 from hypersd.contracts import JobStatus
 from jobs.record import JobRecord
 from jobs.states import Change
-from jobs.store import FinishWaiters, IdempotencyConflict, WorkerInfo
+from jobs.store import FinishWaiters, IdempotencyConflict, Watch, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,25 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 return tostring(wait)
 """
 
+# A job's change, applied only if the job is still the record it was made from (compare and set):
+# the new record, then its effects on the indexes, images, outbox and notice channel, all at once.
+# KEYS[1]: the job; ARGV: the record as read, the new one, then each effect as its argument count
+# and its arguments (binary-safe: images are among them). Returns 1 when applied, else 0 (the job
+# changed meanwhile, or expired). The effects' keys are not declared: one Redis, not a cluster.
+_APPLY = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+local i = 3
+while i <= #ARGV do
+  local count = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + count))
+  i = i + count + 1
+end
+return 1
+"""
+
+_Arg = bytes | str | int | float  # a Redis command's argument
+
 # Take the due webhooks and lease them (due again at now + lease), counting each attempt; atomic,
 # so gateway replicas never deliver one webhook at once.
 _TAKE_WEBHOOKS = """
@@ -82,6 +101,7 @@ class RedisJobStore:
         self._closing = threading.Event()
         self._take_token = client.register_script(_TAKE_TOKEN)
         self._take_webhooks = client.register_script(_TAKE_WEBHOOKS)
+        self._apply = client.register_script(_APPLY)
 
     @staticmethod
     def _job_key(job_id: str) -> str:
@@ -97,32 +117,35 @@ class RedisJobStore:
         """All of an owner's jobs (auth off: everyone's), scored by creation time."""
         return f"{_PREFIX}:jobs:{owner or ''}"
 
-    def _index(self, record: JobRecord) -> None:
+    def _index(self, pipe: redis.client.Pipeline, record: JobRecord) -> None:
         """A new job, in the queued jobs and its owner's indexes (all jobs; live jobs)."""
-        with self.redis.pipeline() as pipe:
-            pipe.zadd(_QUEUED, {record.id: record.created_at})
-            pipe.zadd(f"{_QUEUED}:{record.model}", {record.id: record.created_at})
-            keys = [self._owned_key(record.owner)]
-            if record.owner is not None:
-                keys.append(self._live_key(record.owner))
-            for key in keys:
-                pipe.zadd(key, {record.id: record.created_at})
-                pipe.expire(key, 2 * self.ttl_s)
-            pipe.execute()
+        pipe.zadd(_QUEUED, {record.id: record.created_at})
+        pipe.zadd(f"{_QUEUED}:{record.model}", {record.id: record.created_at})
+        keys = [self._owned_key(record.owner)]
+        if record.owner is not None:
+            keys.append(self._live_key(record.owner))
+        for key in keys:
+            pipe.zadd(key, {record.id: record.created_at})
+            pipe.expire(key, 2 * self.ttl_s)
 
     def create(self, record: JobRecord, idempotency: tuple[str, str] | None = None) -> JobRecord:
         # The job outlives its images (kept for the TTL after they are made), so a client reads
         # "expired" rather than a 404. It is stored before the idempotency key is claimed, so a
         # key always points at a stored job.
         job_key = self._job_key(record.id)
-        self.redis.set(job_key, record.model_dump_json(), ex=2 * self.ttl_s)
-        if idempotency is None:
-            self._index(record)
+        if idempotency is None:  # the job and its indexes in one round trip, at once
+            with self.redis.pipeline() as pipe:
+                pipe.set(job_key, record.model_dump_json(), ex=2 * self.ttl_s)
+                self._index(pipe, record)
+                pipe.execute()
             return record
+        self.redis.set(job_key, record.model_dump_json(), ex=2 * self.ttl_s)
         key, fingerprint = idempotency
         idem_key = f"{_PREFIX}:idem:{key}"
         if self.redis.set(idem_key, f"{fingerprint}:{record.id}", nx=True, ex=self.ttl_s):
-            self._index(record)
+            with self.redis.pipeline() as pipe:
+                self._index(pipe, record)
+                pipe.execute()
             return record
         self.redis.delete(job_key)
         known_fingerprint, _, job_id = _text(self.redis.get(idem_key) or b"").partition(":")
@@ -157,45 +180,65 @@ class RedisJobStore:
         records = [JobRecord.model_validate_json(raw) for raw in raws if raw is not None]
         return records, len(ids) > limit
 
-    def update(self, job_id: str, change: Change) -> JobRecord | None:
+    def _effects(self, job_id: str, new: JobRecord, images: Sequence[bytes]) -> list[_Arg]:
+        """What storing `new` as job `job_id` changes besides the job (its `images`, indexes,
+        outbox and notice), as `_APPLY`'s arguments: each command's argument count, then the
+        command."""
+        now = time.time()
+        commands: list[tuple[_Arg, ...]] = [
+            ("SET", f"{_PREFIX}:image:{job_id}:{index}", data, "EX", self.ttl_s)
+            for index, data in enumerate(images)
+        ]
+        running = f"{_PREFIX}:running"
+        commands.append(("SADD" if new.status == JobStatus.RUNNING else "SREM", running, job_id))
+        if new.status == JobStatus.QUEUED:  # re-queued: its wait starts again
+            commands.append(("ZADD", _QUEUED, now, job_id))
+            commands.append(("ZADD", f"{_QUEUED}:{new.model}", new.created_at, job_id))
+        else:
+            commands.append(("ZREM", _QUEUED, job_id))
+            # its place in line: by creation, so a re-queued job keeps it
+            commands.append(("ZREM", f"{_QUEUED}:{new.model}", job_id))
+        if new.status.terminal:
+            commands.append(("HINCRBY", f"{_PREFIX}:finished", f"{new.model}\t{new.status}", 1))
+            commands.append(("DEL", self._progress_key(job_id)))
+            if new.webhook is not None:
+                commands.append(("ZADD", WEBHOOKS, "NX", now, job_id))
+            # the notice carries the ended record: a waiting request answers without a read
+            commands.append(("PUBLISH", _FINISHED_CHANNEL, new.model_dump_json()))
+            if new.owner is not None:
+                commands.append(("ZREM", self._live_key(new.owner), job_id))
+        return [part for command in commands for part in (len(command), *command)]
+
+    def update(
+        self,
+        job_id: str,
+        change: Change,
+        *,
+        images: Sequence[bytes] = (),
+        known: JobRecord | None = None,
+    ) -> JobRecord | None:
         key = self._job_key(job_id)
-        result: list[JobRecord] = []
-
-        def transaction(pipe: redis.client.Pipeline) -> None:
-            result.clear()
-            raw = pipe.get(key)
-            if raw is None:
-                return
-            new = change(JobRecord.model_validate_json(raw))
+        old, read = known, None
+        while True:
+            if old is None:
+                read = self.redis.get(key)
+                if read is None:
+                    return None
+                old = JobRecord.model_validate_json(read)
+            new = change(old)
+            if new is None and read is None:  # `known` may be out of date: decide on the job
+                old = None
+                continue
             if new is None:
-                return
-            pipe.multi()
-            pipe.set(key, new.model_dump_json(), keepttl=True)
-            if new.status == JobStatus.RUNNING:
-                pipe.sadd(f"{_PREFIX}:running", job_id)
-            else:
-                pipe.srem(f"{_PREFIX}:running", job_id)
-            if new.status == JobStatus.QUEUED:  # re-queued: its wait starts again
-                pipe.zadd(_QUEUED, {job_id: time.time()})
-                pipe.zadd(f"{_QUEUED}:{new.model}", {job_id: new.created_at})
-            else:
-                pipe.zrem(_QUEUED, job_id)
-                # its place in line: by creation, so a re-queued job keeps it
-                pipe.zrem(f"{_QUEUED}:{new.model}", job_id)
-            if new.status.terminal:
-                pipe.hincrby(f"{_PREFIX}:finished", f"{new.model}\t{new.status}", 1)
-                pipe.delete(self._progress_key(job_id))
-                if new.webhook is not None:
-                    pipe.zadd(WEBHOOKS, {job_id: time.time()}, nx=True)
-                pipe.publish(_FINISHED_CHANNEL, job_id)
-                if new.owner is not None:
-                    pipe.zrem(self._live_key(new.owner), job_id)
-            result.append(new)
+                return None
+            # A record dumps to the very JSON it was stored as (`new.model_dump_json()` below).
+            made_from = old.model_dump_json() if read is None else read
+            effects = self._effects(job_id, new, images)
+            if self._apply(keys=[key], args=[made_from, new.model_dump_json(), *effects]):
+                return new
+            old, read = None, None  # it changed since: apply the change to what it is now
 
-        self.redis.transaction(transaction, key)
-        return result[0] if result else None
-
-    def watch(self, job_id: str) -> AbstractContextManager[asyncio.Event]:
+    def watch(self, job_id: str) -> AbstractContextManager[Watch]:
         with self._listener_lock:
             if self._listener is None:
                 self._listener = threading.Thread(
@@ -215,7 +258,7 @@ class RedisJobStore:
                 while not self._closing.is_set():
                     message = pubsub.get_message(timeout=1.0)
                     if message is not None and message["type"] == "message":
-                        self._waiters.wake(_text(message["data"]))
+                        self._notice(message["data"])
             except redis.RedisError as error:  # waiters re-read now and then meanwhile
                 log.warning("job notices: %s; resubscribing", error)
                 self._closing.wait(1.0)
@@ -223,17 +266,21 @@ class RedisJobStore:
                 with contextlib.suppress(redis.RedisError):
                     pubsub.close()
 
+    def _notice(self, data: bytes) -> None:
+        """Wake the waiters of the job a notice (`data`) names, handing them the record it
+        carries. A worker of an earlier release publishes the job id alone: its waiters re-read
+        the job."""
+        if data.startswith(b"{"):
+            record = JobRecord.model_validate_json(data)
+            self._waiters.wake(record.id, record)
+        else:
+            self._waiters.wake(_text(data))
+
     def close(self) -> None:
         """Stop the notice thread (if `watch` started it)."""
         self._closing.set()
         if self._listener is not None:
             self._listener.join()
-
-    def put_images(self, job_id: str, images: list[bytes]) -> None:
-        with self.redis.pipeline() as pipe:
-            for index, data in enumerate(images):
-                pipe.set(f"{_PREFIX}:image:{job_id}:{index}", data, ex=self.ttl_s)
-            pipe.execute()
 
     def get_image(self, job_id: str, index: int) -> bytes | None:
         data = self.redis.get(f"{_PREFIX}:image:{job_id}:{index}")

@@ -9,8 +9,9 @@ of `jobs.states`' transitions, so a cancel, a finishing worker and a reaper can 
 or resurrecting a job. Keys expire after the job TTL.
 
 A request that waits for its job (`Prefer: wait=N`, the synchronous OpenAI route) is woken when the
-job ends instead of polling: in Redis the change that ends a job also publishes its id on one
-channel, which a gateway thread turns into wake-ups; in memory the update itself wakes the waiters.
+job ends instead of polling: in Redis the change that ends a job also publishes the ended record on
+one channel, which a gateway thread turns into wake-ups carrying it (so the waiter answers without
+reading the job again); in memory the update itself wakes the waiters.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -40,17 +41,36 @@ class IdempotencyConflict(Exception):
     """An `Idempotency-Key` was reused with another request body."""
 
 
+class Watch:
+    """One waiter's view of a job: `ended` is set when the job may have ended, and `record` is the
+    job as it ended when the notice carried it (a hint like the event: None means re-read)."""
+
+    def __init__(self) -> None:
+        self.ended = asyncio.Event()
+        self.record: JobRecord | None = None
+
+    def notify(self, record: JobRecord | None) -> None:
+        """Wake the waiter; called on its event loop.
+
+        Args:
+            record: The job as it ended, when the notice carried it; None: the waiter re-reads.
+        """
+        if record is not None:
+            self.record = record
+        self.ended.set()
+
+
 class FinishWaiters:
     """Asyncio waiters on jobs, woken from any thread when a job may have ended."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, Watch]]] = {}
 
     @contextlib.contextmanager
-    def watch(self, job_id: str) -> Iterator[asyncio.Event]:
-        """An event set when `job_id` may have ended, for the current event loop."""
-        entry = (asyncio.get_running_loop(), asyncio.Event())
+    def watch(self, job_id: str) -> Iterator[Watch]:
+        """A `Watch` of `job_id`, for the current event loop."""
+        entry = (asyncio.get_running_loop(), Watch())
         with self._lock:
             self._waiters.setdefault(job_id, []).append(entry)
         try:
@@ -62,17 +82,22 @@ class FinishWaiters:
                 if not entries:
                     del self._waiters[job_id]
 
-    def wake(self, job_id: str | None = None) -> None:
-        """Wake the waiters of `job_id`, or all of them (after notices may have been missed)."""
+    def wake(self, job_id: str | None = None, record: JobRecord | None = None) -> None:
+        """Wake the waiters of `job_id`, or all of them (after notices may have been missed).
+
+        Args:
+            job_id: The job that ended; None: every waiter, each to re-read its job.
+            record: The job as it ended, handed to its waiters; None: they re-read it.
+        """
         with self._lock:
             if job_id is None:
                 entries = [entry for group in self._waiters.values() for entry in group]
             else:
                 entries = list(self._waiters.get(job_id, ()))
-        for loop, event in entries:
+        for loop, watch in entries:
             # The loop may be closing at shutdown; its waiters are gone then.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(event.set)
+                loop.call_soon_threadsafe(watch.notify, record)
 
 
 class WorkerInfo(BaseModel):
@@ -117,22 +142,37 @@ class JobStore(Protocol):
         """
         ...
 
-    def update(self, job_id: str, change: Change) -> JobRecord | None:
+    def update(
+        self,
+        job_id: str,
+        change: Change,
+        *,
+        images: Sequence[bytes] = (),
+        known: JobRecord | None = None,
+    ) -> JobRecord | None:
         """Apply `change` atomically; it returns the new record, or None to leave it as is.
+
+        Args:
+            job_id: The job.
+            change: The transition (`jobs.states`).
+            images: The job's images, stored (with the job TTL) in the same atomic write as the
+                change and only if it applies: a finished job never lacks its images, and a job
+                canceled meanwhile gets none.
+            known: The record as the caller last wrote or read it. While it is still the stored
+                one, the change needs no read first (a round trip less); otherwise the store
+                reads the job and applies `change` to that.
 
         Returns the new record when it changed, else None.
         """
         ...
 
-    def watch(self, job_id: str) -> AbstractContextManager[asyncio.Event]:
-        """An event (of the running loop) set when the job may have ended.
+    def watch(self, job_id: str) -> AbstractContextManager[Watch]:
+        """A `Watch` (of the running loop) woken when the job may have ended.
 
-        A hint, not a guarantee: re-read the job when it is set, and now and then anyway, since a
-        notice can be missed (e.g. while the store reconnects).
+        A hint, not a guarantee: re-read the job when woken without a record, and now and then
+        anyway, since a notice can be missed (e.g. while the store reconnects).
         """
         ...
-
-    def put_images(self, job_id: str, images: list[bytes]) -> None: ...
 
     def get_image(self, job_id: str, index: int) -> bytes | None: ...
 

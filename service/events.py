@@ -42,9 +42,9 @@ async def _stream(store: JobStore, settings: Settings, job_id: str) -> AsyncIter
     last: tuple[object, ...] | None = None
     number = 0
     quiet_since = time.monotonic()
-    with store.watch(job_id) as ended:
+    with store.watch(job_id) as watch:
         while True:
-            ended.clear()
+            watch.ended.clear()
             record = await run_in_threadpool(store.get, job_id)
             if record is None:  # expired while watched: nothing more will come
                 return
@@ -63,7 +63,7 @@ async def _stream(store: JobStore, settings: Settings, job_id: str) -> AsyncIter
             if job.status.terminal:
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended.wait(), POLL_S)
+                await asyncio.wait_for(watch.ended.wait(), POLL_S)
 
 
 @router.get(

@@ -75,9 +75,7 @@ async def create_generation(
     if record.status.terminal:
         response.status_code = 200
     response.headers["Location"] = f"/v1/generations/{record.id}"
-    return await run_in_threadpool(
-        job_service.to_job, record, store, settings.public_url, settings.job_ttl_s
-    )
+    return await job_service.to_job_async(record, store, settings.public_url, settings.job_ttl_s)
 
 
 @router.get("", response_model=JobList, responses=errors(401, 422, *COMMON))

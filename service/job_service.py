@@ -149,21 +149,38 @@ async def wait(store: JobStore, job_id: str, timeout_s: float) -> JobRecord | No
     """The job once it is finished, or as it is after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     # Watch before the first read, so an end between the read and the wait is not missed.
-    with store.watch(job_id) as ended:
+    with store.watch(job_id) as watch:
         while True:
-            ended.clear()
+            watch.ended.clear()
             record = await anyio.to_thread.run_sync(store.get, job_id)
             remaining = deadline - time.monotonic()
             if record is None or record.status.terminal or remaining <= 0:
                 return record
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ended.wait(), min(remaining, _RECHECK_S))
+                await asyncio.wait_for(watch.ended.wait(), min(remaining, _RECHECK_S))
+            if watch.record is not None:  # the notice carried the ended job: no read needed
+                return watch.record
 
 
 def prefer_wait(prefer: str | None, cap_s: float) -> float | None:
     """Seconds asked for by `Prefer: wait=N` (capped), or None without one."""
     match = _PREFER_WAIT.search(prefer or "")
     return None if match is None else min(float(match[1]), cap_s)
+
+
+async def to_job_async(
+    record: JobRecord, store: JobStore, public_url: str | None, ttl_s: int
+) -> Job:
+    """`to_job` for an async route: in the thread pool when it reads the store (base64 images, a
+    queued job's place in line or a running job's step), else on the event loop, since a hop to
+    the thread pool costs more than building the view."""
+    status = public_status(record, ttl_s)
+    reads = status in (JobStatus.QUEUED, JobStatus.RUNNING) or (
+        status == JobStatus.SUCCEEDED and record.response_format == "b64_json"
+    )
+    if reads:
+        return await anyio.to_thread.run_sync(to_job, record, store, public_url, ttl_s)
+    return to_job(record, store, public_url, ttl_s)
 
 
 def to_job(

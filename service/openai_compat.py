@@ -111,9 +111,7 @@ async def create_images(
     if record.status != JobStatus.SUCCEEDED:
         message = f"job {record.id} is {record.status}; poll GET /v1/generations/{record.id}"
         raise ApiError(504, "timeout", message, job_id=record.id)
-    job = await run_in_threadpool(
-        job_service.to_job, record, store, settings.public_url, settings.job_ttl_s
-    )
+    job = await job_service.to_job_async(record, store, settings.public_url, settings.job_ttl_s)
     return ImagesResponse(
         created=int(time.time()),
         data=[ImageData(url=image.url, b64_json=image.b64_json) for image in job.images],

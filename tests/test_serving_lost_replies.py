@@ -14,7 +14,7 @@ failure is injected.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -92,8 +92,15 @@ class ClaimReplyLostOnce(RedisJobStore):
 
     lost = False
 
-    def update(self, job_id: str, change: Change) -> JobRecord | None:
-        record = super().update(job_id, change)
+    def update(
+        self,
+        job_id: str,
+        change: Change,
+        *,
+        images: Sequence[bytes] = (),
+        known: JobRecord | None = None,
+    ) -> JobRecord | None:
+        record = super().update(job_id, change, images=images, known=known)
         if not self.lost and record is not None and record.status == JobStatus.RUNNING:
             self.lost = True
             raise redis.ConnectionError("connection lost before the reply")

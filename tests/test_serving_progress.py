@@ -91,3 +91,13 @@ def test_step_reports_are_throttled_but_the_last_step_always_lands(redis_url: st
     assert store.progress("a") == 100 and store.progress("b") == 100
     client.flushdb()
     client.close()
+
+
+def test_a_one_step_batch_writes_no_progress(redis_url: str) -> None:
+    client = redis.Redis.from_url(f"{redis_url}/12")
+    store = RedisJobStore(client, ttl_s=60)
+    reporter = StepReporter(store, ["a"], total=1)
+    reporter(1)
+    assert reporter.writes == 0 and store.progress("a") is None
+    client.flushdb()
+    client.close()

@@ -2,9 +2,10 @@
 
 `JobRunner.run_job(job_id)` is what a task slot calls. It claims the job (queued -> running, so a
 canceled job or a second delivery of the same message never runs), hands its images to the
-micro-batcher, encodes them, stores them with the job TTL and marks the job finished -- unless it
-was canceled meanwhile, in which case the result is discarded. While Redis is down, the job's store
-writes wait for it to come back: the message stays unacked and the result is kept, not lost.
+micro-batcher, encodes them, and stores them with the job TTL in the same atomic write that marks
+the job finished -- unless it was canceled meanwhile, in which case the result is discarded. While
+Redis is down, the job's store writes wait for it to come back: the message stays unacked and the
+result is kept, not lost.
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# zlib level 1, not Pillow's 6: PNG is lossless at any level, and on the shipped 64x64 images
+# level 6 took 0.39 ms against 0.11 ms, on every job's critical path, for files 20% smaller
+# (3.2 KB against 3.9 KB): bytes are cheap here, latency is the product.
+_PNG_COMPRESS_LEVEL = 1
 _PHASES = ("text_encoding", "denoising", "vae_decode")
 _STORE_RETRY_MAX_S = 1.0  # back-off cap while Redis is down: resume within a second of its return
 
@@ -66,7 +71,9 @@ def encode(
         info = PngInfo()
         for key, value in text.items():
             info.add_itxt(key, value)  # iTXt: UTF-8, so any prompt survives
-    image.save(buffer, format=_PIL_FORMATS[output_format], pnginfo=info)
+    png = output_format == "png"
+    options = {"pnginfo": info, "compress_level": _PNG_COMPRESS_LEVEL} if png else {}
+    image.save(buffer, format=_PIL_FORMATS[output_format], **options)
     return buffer.getvalue()
 
 
@@ -215,9 +222,13 @@ class JobRunner:
             timings = {phase: outputs[0].timings[phase] for phase in _PHASES}
             timings["image_encoding"] = time.perf_counter() - encode_start
             timings["total"] = time.time() - record.started_at
-            self._stored(job_id, lambda: self.store.put_images(job_id, images))
             succeeded = finish(self.worker_id, JobStatus.SUCCEEDED, timings=timings)
-            done = self._stored(job_id, lambda: self.store.update(job_id, succeeded))
+            # `record` is the job as the claim wrote it: unless it was canceled meanwhile, the
+            # images and the end go in one round trip
+            done = self._stored(
+                job_id,
+                lambda: self.store.update(job_id, succeeded, images=images, known=record),
+            )
             if done is not None:
                 steps = str(record.steps)
                 for phase, seconds in timings.items():
