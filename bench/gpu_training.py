@@ -178,6 +178,7 @@ def tscd_step(
         disc_optimizer=make_optimizer(
             heads.parameters(), "adamw", cfg.disc_lr, weight_decay=0.01, betas=(0.0, 0.99)
         ),
+        precision="bf16",
         # bf16: no loss scaling (the scalers are off, the steps the plain ones)
         scalers={"student": LossScaler(device, "bf16"), "disc": LossScaler(device, "bf16")},
     )

@@ -26,6 +26,7 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import config_to_dict
 from training.data import TrainingData, batch_latents
 from training.distributed import (
+    MixedPrecision,
     autocast,
     compute_precision,
     mean_over_processes,
@@ -116,6 +117,7 @@ class Stage:
     optimizer: Optimizer
     heads: nn.Module | None  # the discriminator heads, with the adversarial term
     disc_optimizer: Optimizer | None
+    precision: MixedPrecision  # the networks' autocast (`compute_precision`)
     # fp16 loss scaling ("student", and "disc" with the heads; disabled otherwise)
     scalers: dict[str, LossScaler]
 
@@ -180,6 +182,7 @@ def start_stage(
         optimizer=optimizer,
         heads=heads,
         disc_optimizer=disc_optimizer,
+        precision=precision,
         scalers=scalers,
     )
     step = 0
@@ -230,9 +233,7 @@ def student_step(
     assert target is not None
     guidance = tuple(cfg.guidance_range)
     prediction = None
-    # the run's autocast: bf16, fp16 or nothing (compute_precision)
-    precision = compute_precision(cfg.weight_dtype, cfg.mixed_precision)
-    with autocast(latents.device, precision):
+    with autocast(latents.device, stage.precision):
         if stage.method == "tscd":
             # made once: the student's loss and the discriminator's step share it
             prediction = tscd_predict(
@@ -303,7 +304,7 @@ def discriminator_step(
     of it, both re-noised into the stage's segment."""
     assert models.discriminator is not None and stage.heads is not None
     assert stage.disc_optimizer is not None
-    with autocast(latents.device, compute_precision(cfg.weight_dtype, cfg.mixed_precision)):
+    with autocast(latents.device, stage.precision):
         losses = tscd_discriminator_losses(
             models.discriminator,
             prediction,

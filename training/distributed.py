@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from training.devices import WeightDtype, resolve_device
+from training.devices import WeightDtype, resolve_device, torch_dtype
 
 MixedPrecision = Literal["no", "bf16", "fp16"]
 
@@ -50,8 +50,7 @@ def compute_precision(weight_dtype: WeightDtype, mixed_precision: MixedPrecision
         mixed_precision: the autocast asked for: no, bf16 or fp16; with half weights it must be
             theirs (or no).
     """
-    if weight_dtype not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"weight_dtype must be one of fp32, bf16, fp16; got {weight_dtype!r}")
+    torch_dtype(weight_dtype)  # a ValueError listing the allowed values, for any other
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be one of no, bf16, fp16; got {mixed_precision!r}")
     if weight_dtype == "fp32":
@@ -74,8 +73,9 @@ def autocast(device: torch.device, precision: MixedPrecision) -> torch.autocast:
         device: where the networks run.
         precision: no (a disabled autocast), bf16 or fp16.
     """
-    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype, enabled=precision != "no")
+    if precision == "no":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, torch_dtype(precision))
 
 
 def process_seed(seed: int, rank: int) -> int:

@@ -41,6 +41,7 @@ from peft import LoraConfig
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from training.devices import torch_dtype
 from training.distributed import compute_precision
 from training.objectives.adversarial import TeacherFeatureDiscriminator
 
@@ -299,14 +300,13 @@ class _Setting:
 def _setting(cfg: DistillConfig | EnhanceConfig, architecture: Architecture | None) -> _Setting:
     # activations in the autocast's half type (bf16 or fp16), else fp32
     precision = compute_precision(cfg.weight_dtype, cfg.mixed_precision)
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}
     return _Setting(
         folder=architecture_folder(cfg.teacher, architecture),
         batch=cfg.batch_size,
         resolution=cfg.resolution,
         weight_dtype=cfg.weight_dtype,
-        weight_bytes=2 if cfg.weight_dtype in half else 4,
-        activation_dtype=half.get(precision, torch.float32),
+        weight_bytes=torch_dtype(cfg.weight_dtype).itemsize,
+        activation_dtype=torch.float32 if precision == "no" else torch_dtype(precision),
         optimizer_bytes=2 if cfg.optimizer == "adamw8bit" else 8,
         checkpointing=cfg.gradient_checkpointing,
     )
