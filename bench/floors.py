@@ -117,7 +117,7 @@ def main() -> None:
             server.stop()
 
         app = _celery(redis_url)
-        sends = _timed(lambda: app.send_task(_TASK, args=[time.time()], queue=_QUEUE), 50)
+        sends = _timed(lambda: app.send_task(_TASK, args=[time.time()], queue=_QUEUE), args.repeats)
         rows.append(_row("Celery `send_task`", sends))
         client.delete(_QUEUE)  # those tasks were only timed being sent
         command = [sys.executable, "-m", "bench.floors", "--celery-worker", redis_url]
