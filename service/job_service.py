@@ -171,16 +171,26 @@ def prefer_wait(prefer: str | None, cap_s: float) -> float | None:
 async def to_job_async(
     record: JobRecord, store: JobStore, public_url: str | None, ttl_s: int
 ) -> Job:
-    """`to_job` for an async route: in the thread pool when it reads the store (base64 images, a
-    queued job's place in line or a running job's step), else on the event loop, since a hop to
-    the thread pool costs more than building the view."""
-    status = public_status(record, ttl_s)
-    reads = status in (JobStatus.QUEUED, JobStatus.RUNNING) or (
-        status == JobStatus.SUCCEEDED and record.response_format == "b64_json"
-    )
-    if reads:
+    """`to_job` for an async route: in the thread pool when it reads the store (`store_reads`),
+    else on the event loop, since a hop to the thread pool costs more than building the view."""
+    if store_reads(record, public_status(record, ttl_s)):
         return await anyio.to_thread.run_sync(to_job, record, store, public_url, ttl_s)
     return to_job(record, store, public_url, ttl_s)
+
+
+def store_reads(
+    record: JobRecord, status: JobStatus, images: bool = True, progress: bool = True
+) -> frozenset[str]:
+    """What `to_job` reads from the store for a job in `status`: `"images"` (base64 images of a
+    finished job), `"position"` (a queued job's place in line) or `"step"` (a running job's)."""
+    reads = set()
+    if images and status == JobStatus.SUCCEEDED and record.response_format == "b64_json":
+        reads.add("images")
+    if progress and status == JobStatus.QUEUED:
+        reads.add("position")
+    if progress and status == JobStatus.RUNNING:
+        reads.add("step")
+    return frozenset(reads)
 
 
 def to_job(
@@ -200,21 +210,19 @@ def to_job(
     """
     base = f"{(public_url or '').rstrip('/')}/v1/generations/{record.id}"
     status = public_status(record, ttl_s)
+    reads = store_reads(record, status, images, progress)
     shown = []
     if images and status == JobStatus.SUCCEEDED:
         for index, seed in enumerate(record.seeds):
             image = JobImage(index=index, seed=seed, content_type=record.content_type)
-            if record.response_format == "url":
-                image.url = f"{base}/images/{index}"
-            else:
+            if "images" in reads:
                 data = store.get_image(record.id, index) or b""
                 image.b64_json = base64.b64encode(data).decode()
+            else:
+                image.url = f"{base}/images/{index}"
             shown.append(image)
-    position = step = None
-    if progress and status == JobStatus.QUEUED:
-        position = store.queue_position(record)
-    elif progress and status == JobStatus.RUNNING:
-        step = store.progress(record.id) or 0
+    position = store.queue_position(record) if "position" in reads else None
+    step = (store.progress(record.id) or 0) if "step" in reads else None
     started, finished = record.started_at, record.finished_at
     return Job(
         id=record.id,

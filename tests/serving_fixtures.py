@@ -18,9 +18,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+
+if TYPE_CHECKING:
+    from hypersd.registry import ModelSpec
+    from jobs.store import JobStore
+    from worker.runner import JobRunner
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_REGISTRY = REPO / "models" / "registry.toml"
@@ -30,6 +36,22 @@ SHIPPED_REGISTRY = REPO / "models" / "registry.toml"
 # model (a request naming none) is served by the embedded server (`test_serving_embedded.py`) and
 # by a worker started without a model (`test_serving_default_model.py`).
 MODEL = "shapes-base"
+
+
+def one_slot_runner(spec: ModelSpec, store: JobStore, **options: Any) -> JobRunner:
+    """The real job runner in this process: one slot, batches of one, no batching wait and one
+    torch thread; `options` add to or override `load_runner`'s arguments."""
+    from worker.runner import load_runner
+
+    arguments: dict[str, Any] = {
+        "worker_id": "w1",
+        "slots": 1,
+        "max_batch_size": 1,
+        "max_wait_ms": 0,
+        "job_timeout_s": 60,
+        "torch_threads": 1,
+    }
+    return load_runner(spec, store, **(arguments | options))
 
 
 def free_port() -> int:

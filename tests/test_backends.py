@@ -274,24 +274,15 @@ def test_the_worker_reports_the_backend_in_use(
     registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from prometheus_client import REGISTRY as METRICS
+    from serving_fixtures import one_slot_runner
 
     from jobs.memory_store import MemoryJobStore
-    from worker.runner import load_runner
 
     spec = with_backend(registry.get("sd15-nstep"))
     store = MemoryJobStore(tmp_path / "images", ttl_s=60)
 
     def runner_backend() -> str:
-        runner = load_runner(
-            spec,
-            store,
-            worker_id="w1",
-            slots=1,
-            max_batch_size=1,
-            max_wait_ms=0,
-            job_timeout_s=60,
-            torch_threads=1,
-        )
+        runner = one_slot_runner(spec, store)
         runner.close()
         return runner.info().backend
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 from kombu.exceptions import OperationalError
-from serving_fixtures import MODEL, SHIPPED_REGISTRY
+from serving_fixtures import MODEL, SHIPPED_REGISTRY, one_slot_runner
 
 from hypersd.contracts import GenerateRequest, JobStatus
 from hypersd.registry import load_registry
@@ -30,7 +30,6 @@ from jobs.redis_store import RedisJobStore
 from jobs.settings import Settings
 from jobs.states import Change, start
 from service import job_service as jobs
-from worker.runner import load_runner
 
 PROMPT = "a large red circle in the center on a white background"
 
@@ -112,16 +111,7 @@ def test_a_claim_whose_reply_was_lost_still_runs_the_job(redis_url: str, tmp_pat
     client.flushdb()
     store = ClaimReplyLostOnce(client, ttl_s=60)
     registry = load_registry(SHIPPED_REGISTRY)
-    runner = load_runner(
-        registry.get(MODEL),
-        store,
-        worker_id="w1",
-        slots=1,
-        max_batch_size=1,
-        max_wait_ms=0,
-        job_timeout_s=60,
-        torch_threads=1,
-    )
+    runner = one_slot_runner(registry.get(MODEL), store)
     try:
         body = GenerateRequest(prompt=PROMPT, model=MODEL, steps=1)
         job = store.create(resolve_request(body, registry))

@@ -7,14 +7,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from serving_fixtures import MODEL, SHIPPED_REGISTRY
+from serving_fixtures import MODEL, SHIPPED_REGISTRY, one_slot_runner
 
 from hypersd.contracts import GenerateRequest, JobStatus
 from hypersd.registry import load_registry
 from jobs.memory_store import MemoryJobStore
 from jobs.record import resolve_request
 from jobs.service_time import MemoryServiceTimes
-from worker.runner import load_runner
 
 PROMPT = "a large red circle in the center on a white background"
 
@@ -37,17 +36,7 @@ def test_a_job_ends_with_its_images_and_after_its_batch_is_reported(tmp_path: Pa
     registry = load_registry(SHIPPED_REGISTRY)
     store = MemoryJobStore(tmp_path / "images", ttl_s=60)
     times = SlowReports()
-    runner = load_runner(
-        registry.get(MODEL),
-        store,
-        worker_id="w1",
-        slots=1,
-        max_batch_size=1,
-        max_wait_ms=0,
-        job_timeout_s=60,
-        torch_threads=1,
-        service_times=times,
-    )
+    runner = one_slot_runner(registry.get(MODEL), store, service_times=times)
     try:
         body = GenerateRequest(prompt=PROMPT, model=MODEL, steps=1, n=2)
         job = store.create(resolve_request(body, registry))
