@@ -75,6 +75,7 @@ distill-shapes: $(VENV)/.installed
 		"start_loras=[runs/tscd-shapes/k$$k/shapes-hyper-$${k}step.safetensors]" sampler_steps=$$k \
 		out_dir=runs/feedback-$${k}step export_name=shapes-hyper-feedback-$${k}step; done
 	$(TRAIN) dmd --config training/configs/dmd-shapes.yaml
+	$(TRAIN) dmd --config training/configs/dmd2-2step-shapes.yaml
 
 # Copy the distilled LoRAs from runs/ into models/ (fp16 diffusers files; registry.toml names them).
 SHIP := $(PY) -m training.lora_export
@@ -85,6 +86,8 @@ ship-shapes: $(VENV)/.installed
 	for k in 2 4 8; do $(SHIP) runs/feedback-$${k}step/shapes-hyper-feedback-$${k}step.safetensors \
 		models/shapes-hyper/feedback-$${k}step.safetensors; done
 	$(SHIP) runs/dmd-shapes/shapes-hyper-dmd.safetensors models/shapes-hyper/dmd.safetensors
+	$(SHIP) runs/dmd2-2step-shapes/shapes-hyper-dmd2-2step.safetensors \
+		models/shapes-hyper/dmd-2step.safetensors
 	$(SHIP) runs/lcm-shapes/lcm/shapes-lcm.safetensors models/shapes-hyper/lcm.safetensors
 
 # The paper's table (README): teacher, LCM, TSCD, + feedback, + DMD at 1/2/4/8 steps.
