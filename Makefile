@@ -63,7 +63,9 @@ eval-base: $(VENV)/.installed
 
 # The Hyper-SD pipeline on the Shapes base model, one stage after the other (each resumable):
 # TSCD 8->4->2->1, the LCM-LoRA baseline, the alignment reward network, feedback (on the unified
-# 1-step LoRA, then one per N-step LoRA sampling with its own N steps), DMD.
+# 1-step LoRA, then one per N-step LoRA sampling with its own N steps), DMD for 1 step, and DMD2
+# for 2 steps over the TSCD and feedback LoRAs just trained (its config alone starts from the
+# shipped copies, as the ablation's runs did).
 TRAIN := $(VENV)/bin/hypersd-train
 distill-shapes: $(VENV)/.installed
 	$(TRAIN) tscd --config training/configs/tscd-shapes.yaml
@@ -75,7 +77,9 @@ distill-shapes: $(VENV)/.installed
 		"start_loras=[runs/tscd-shapes/k$$k/shapes-hyper-$${k}step.safetensors]" sampler_steps=$$k \
 		out_dir=runs/feedback-$${k}step export_name=shapes-hyper-feedback-$${k}step; done
 	$(TRAIN) dmd --config training/configs/dmd-shapes.yaml
-	$(TRAIN) dmd --config training/configs/dmd2-2step-shapes.yaml
+	$(TRAIN) dmd --config training/configs/dmd2-2step-shapes.yaml \
+		"start_loras=[runs/tscd-shapes/k2/shapes-hyper-2step.safetensors,runs/feedback-2step/shapes-hyper-feedback-2step.safetensors]" \
+		"anchor_loras=[runs/tscd-shapes/k8/shapes-hyper-8step.safetensors,runs/feedback-8step/shapes-hyper-feedback-8step.safetensors]"
 
 # Copy the distilled LoRAs from runs/ into models/ (fp16 diffusers files; registry.toml names them).
 SHIP := $(PY) -m training.lora_export
