@@ -124,16 +124,20 @@ def main() -> None:
         with (folder / "celery.log").open("wb") as log:
             celery_worker = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=log)
         try:
-            hops = []
+            hops, busy_sends = [], []
             for index in range(args.repeats + _WARMUP):
+                sent_at = time.perf_counter()
                 app.send_task(_TASK, args=[time.time()], queue=_QUEUE)
+                send_seconds = time.perf_counter() - sent_at
                 reply = client.blpop([_STARTED], timeout=60)
                 if reply is None:
                     raise TimeoutError(f"the Celery worker started no task; see {folder}")
                 sent, started = json.loads(reply[1])
                 if index >= _WARMUP:
                     hops.append(started - sent)
+                    busy_sends.append(send_seconds)
                 time.sleep(0.01)  # one at a time, as a lone request is
+            rows.append(_row("Celery `send_task`, a worker consuming the queue", busy_sends))
             rows.append(_row("empty Celery task, publish → start (thread pool, acks_late)", hops))
         finally:
             celery_worker.terminate()
