@@ -31,7 +31,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from hypersd.backends import BackendResult, install_backend
 from hypersd.lora import SDPipeline, fuse_loras
 from hypersd.recipes import Recipe, Sampling
-from hypersd.registry import ModelSpec
+from hypersd.registry import ARTEFACT_BACKENDS, ModelSpec
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes unsigned 64-bit seeds
 
@@ -245,9 +245,12 @@ def load(
         device: Torch device; defaults to "cuda" when available, else "cpu".
         dtype: Weight dtype; defaults to float16 on CUDA (float32 for the `onnxruntime` and
             `tensorrt` backends, which export float32 graphs) and float32 elsewhere.
-        warmup: Run one 1-step image before returning.
+        warmup: Run one 1-step image before returning. For a compiled backend it is the first
+            call, where torch.compile compiles: only with it does a backend that fails there
+            fall back to eager at load; without it, that failure raises at the first `generate`.
         cache_dir: The artefact cache of compiled backends; default
-            `hypersd.backends.cache.cache_dir()` ($HYPERSD_ENGINE_CACHE or ~/.cache/hypersd).
+            `hypersd.backends.cache.cache_dir()` ($HYPERSD_ENGINE_CACHE, else
+            ~/.cache/hypersd/engines).
 
     Raises:
         FileNotFoundError: if a weights file or folder named by the spec is missing.
@@ -258,7 +261,7 @@ def load(
     if dtype is None:
         # ONNX exports are float32 (ONNX Runtime's CUDA provider runs them as they are; TensorRT
         # builds its half-precision layers from them).
-        exported = spec.backend in ("onnxruntime", "tensorrt")
+        exported = spec.backend in ARTEFACT_BACKENDS
         half = torch.device(device).type == "cuda" and not exported
         dtype = torch.float16 if half else torch.float32
 

@@ -55,6 +55,9 @@ Family = Literal["sd15", "sdxl"]
 # a CUDA GPU; where they are missing it falls back to eager (or fails, with `strict`).
 Backend = Literal["eager", "onnxruntime", "compile", "tensorrt"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
+# The backends that run float32 ONNX exports, built once into the artefact cache
+# (`hypersd.backends.build_artefact`, `hypersd build-engine`).
+ARTEFACT_BACKENDS: tuple[str, ...] = ("onnxruntime", "tensorrt")
 # Precisions of a TensorRT engine's layers ("auto": half precision, float16).
 EnginePrecision = Literal["auto", "float32", "float16", "bfloat16"]
 LoraFormat = Literal["auto", "diffusers", "kohya"]
@@ -216,6 +219,7 @@ class ModelSpec(BaseModel):
         precision: `tensorrt` only: the engine's layer precision ("auto" is float16).
         batch_sizes: `tensorrt` only: the image batch sizes its profiles cover (a dynamic
             profile covers 1 to the largest; CFG doubles the UNet's batch, which is covered).
+            Other batches run padded up to the next listed size, or in chunks of the largest.
         strict: Fail the load when the backend cannot be built or loaded, instead of falling
             back to eager with a warning.
         series: The series this model belongs to (e.g. `shapes-hyper`): the same model at

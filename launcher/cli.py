@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from hypersd.registry import load_registry
+from hypersd.registry import ARTEFACT_BACKENDS, load_registry
 
 
 def _output_paths(out: Path, count: int) -> list[Path]:
@@ -46,7 +46,9 @@ def generate(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from hypersd.pipeline import ImageRequest, load
 
-    generator = load(spec, device=args.device, warmup=False)
+    # A compiled backend's warm-up is its first call: a failure there falls back to eager (unless
+    # strict) instead of failing the image. Eager needs none.
+    generator = load(spec, device=args.device, warmup=spec.backend != "eager")
     requests = [
         ImageRequest(prompt=args.prompt, seed=args.seed + i, negative_prompt=args.negative_prompt)
         for i in range(args.n)
@@ -146,6 +148,13 @@ def build_engine(args: argparse.Namespace) -> int:
     registry = load_registry(args.registry)
     spec = registry.get(args.model or registry.default)
     backend = args.backend or spec.backend
+    if backend not in ARTEFACT_BACKENDS:  # before loading anything
+        print(
+            f"hypersd: error: model {spec.name} runs on backend {backend!r}, which builds no "
+            f"artefact; pass --backend ({' or '.join(ARTEFACT_BACKENDS)})",
+            file=sys.stderr,
+        )
+        return 2
     _quiet_libraries()
     import torch
 
@@ -222,8 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--model", help="registry name (default: the registry's default model)")
     engine.add_argument(
         "--backend",
-        # hypersd.backends.ARTEFACT_BACKENDS, not imported: the command line starts without torch
-        choices=["onnxruntime", "tensorrt"],
+        choices=ARTEFACT_BACKENDS,
         help="the backend to build for (default: the model's registry backend)",
     )
     engine.add_argument(

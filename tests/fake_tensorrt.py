@@ -47,6 +47,14 @@ class TimingCache:
     def serialize(self) -> bytes:
         return self.data
 
+    def combine(self, other: TimingCache, ignore_mismatch: bool) -> bool:
+        """Add `other`'s entries that this cache lacks."""
+        known = self.data.split(b";")
+        for entry in other.data.split(b";"):
+            if entry and entry not in known:
+                self.data += entry + b";"
+        return True
+
 
 class Network:
     def __init__(self) -> None:

@@ -9,9 +9,11 @@ Shapes 1-step model.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -237,6 +239,50 @@ def test_a_failed_build_leaves_nothing_in_the_cache(tmp_path: Path) -> None:
     assert [path.name for path in tmp_path.iterdir()] == ["key.lock"]
 
 
+def test_an_export_that_does_not_match_eager_is_not_cached_or_served(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hypersd.backends import onnx_export
+
+    eager_outputs = onnx_export.eager_outputs
+
+    def off_by_a_tenth(component: onnx_export.Component, inputs: dict) -> object:
+        outputs = eager_outputs(component, inputs)
+        if component.name != onnx_export.UNET:
+            return outputs
+        return outputs * 1.1  # as if the UNet's export were 10% off
+
+    monkeypatch.setattr(onnx_export, "eager_outputs", off_by_a_tenth)
+    spec = with_backend(registry.get("sd15-nstep"))
+    generator = load(spec, device="cpu", warmup=False, cache_dir=tmp_path)
+    assert generator.backend.backend == "eager"
+    assert "ExportMismatchError" in str(generator.backend.error)
+    assert "unet: max abs error" in str(generator.backend.error)
+    assert [path.name for path in tmp_path.iterdir()] == [
+        f"{onnxruntime_key(spec, torch.device('cpu'), torch.float32)}.lock"
+    ]
+    with pytest.raises(onnx_export.ExportMismatchError):
+        load(with_backend(spec, strict=True), device="cpu", warmup=False, cache_dir=tmp_path)
+
+
+def test_a_killed_builder_leaves_no_staging_folder_behind(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    builder = subprocess.Popen([sys.executable, "-c", BUILDER, str(root), str(tmp_path / "log")])
+    try:
+        deadline = time.monotonic() + 60
+        while not list(root.glob(".key.*/part-3")):  # killed mid-build, as by the OOM killer
+            assert builder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+    finally:
+        builder.send_signal(signal.SIGKILL)
+        builder.wait()
+    assert list(root.glob(".key.*"))  # what the killed builder left
+
+    folder, built = cache.get_or_build(root, "key", lambda folder: (folder / "x").write_text(""))
+    assert built and (folder / "x").is_file()
+    assert sorted(path.name for path in root.iterdir()) == ["key", "key.lock"]
+
+
 def test_a_backend_that_fails_falls_back_to_eager_unless_strict(
     registry: Registry, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -330,6 +376,22 @@ def test_build_engine_builds_the_artefact_once(tmp_path: Path) -> None:
     assert second.stdout.strip() == f"{folder} (already in the cache)"
 
 
+def test_build_engine_refuses_a_backend_without_artefacts_before_loading(
+    tiny_models: TinyModels,
+) -> None:
+    command = ["--registry", str(tiny_models.registry), "build-engine", "--model", "sd15-teacher"]
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher", *command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "runs on backend 'eager', which builds no artefact" in result.stderr
+    assert "--backend (onnxruntime or tensorrt)" in result.stderr
+
+
 def test_a_failing_first_call_puts_the_eager_modules_back(
     registry: Registry, tmp_path: Path
 ) -> None:
@@ -340,7 +402,7 @@ def test_a_failing_first_call_puts_the_eager_modules_back(
     modules = (pipe.text_encoder, pipe.unet, pipe.vae, pipe.vae.decoder)
 
     def first_call() -> None:
-        assert type(pipe.unet).__name__ == "OrtUNet"  # the swap happened before the call
+        assert type(pipe.unet).__name__ == "ExportedUNet"  # the swap happened before the call
         raise RuntimeError("no kernel for this shape")
 
     result = install_backend(pipe, with_backend(generator.spec), tmp_path, check=first_call)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hypersd.backends import ort
-from hypersd.backends.ort import OrtTextEncoder, OrtUNet, OrtVaeDecoder
+from hypersd.backends.ort import ExportedTextEncoder, ExportedUNet, ExportedVaeDecoder
 from hypersd.pipeline import ImageRequest, load
 from hypersd.registry import ModelSpec, load_registry
 
@@ -41,6 +41,26 @@ def test_the_cuda_provider_is_chosen_on_cuda_with_torchs_stream() -> None:
         ort.providers(torch.device("cuda"), cpu_only)
 
 
+def test_a_cuda_pipeline_without_the_cuda_provider_exports_nothing(
+    tiny_models: TinyModels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from hypersd.backends import build_artefact
+
+    exports: list[Path] = []
+    monkeypatch.setattr(ort, "build", lambda pipe, folder: exports.append(folder) or [])
+    spec = ModelSpec.model_validate(
+        load_registry(tiny_models.registry).get("sd15-nstep").model_dump()
+        | {"backend": "onnxruntime"}
+    )
+    # What build_artefact reads of a pipeline on a GPU (none here; this ONNX Runtime is CPU-only)
+    on_cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="pip install onnxruntime-gpu"):
+        build_artefact(on_cuda, spec, tmp_path)  # type: ignore[arg-type]
+    assert not exports and not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("model", ["sd15-cfg", "sdxl-cfg"])
 def test_io_binding_gives_the_same_images(
     tiny_models: TinyModels, tmp_path: Path, model: str
@@ -58,13 +78,15 @@ def test_io_binding_gives_the_same_images(
         )
         if module is not None
     ]
-    assert all(isinstance(m, OrtTextEncoder | OrtUNet | OrtVaeDecoder) for m in swapped)
-    assert not any(module.session.io_binding for module in swapped)  # CPU default: NumPy
+    assert all(
+        isinstance(m, ExportedTextEncoder | ExportedUNet | ExportedVaeDecoder) for m in swapped
+    )
+    assert not any(module.runner.io_binding for module in swapped)  # CPU default: NumPy
 
     requests = [ImageRequest("a red circle", 1), ImageRequest("a blue square", 2, "gray")]
     expected = [np.asarray(image) for image in generator.generate(requests).images]
     for module in swapped:
-        module.session.io_binding = True  # what CUDA uses
+        module.runner.io_binding = True  # what CUDA uses
     actual = [np.asarray(image) for image in generator.generate(requests).images]
     for want, got in zip(expected, actual, strict=True):
         np.testing.assert_array_equal(want, got)
@@ -77,7 +99,7 @@ def test_io_binding_writes_into_torchs_output_tensor(
     spec = ModelSpec.model_validate(spec.model_dump() | {"backend": "onnxruntime", "strict": True})
     pipe = load(spec, device="cpu", warmup=False, cache_dir=tmp_path).pipe
     unet, tokens = pipe.unet, pipe.tokenizer.model_max_length
-    session = unet.session
+    session = unet.runner
     channels = unet.config.in_channels
     inputs = {
         "sample": torch.randn(3, channels, 8, 8),

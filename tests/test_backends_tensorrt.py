@@ -147,6 +147,7 @@ def test_build_engine_asks_tensorrt_for_the_registry_profiles_and_precision(
     # The second build read what the first wrote into the timing cache; the file holds both.
     assert record["timing_cache_read"] == "timed unet.onnx;"
     assert timing_cache.read_text() == "timed unet.onnx;timed unet.onnx;"
+    assert timing_cache.stat().st_mode & 0o777 == 0o644  # readable by workers of other users
 
     with pytest.raises(ValueError, match="allowed: float16, bfloat16, float32"):
         tensorrt.build_engine(onnx_path, tmp_path / "x.plan", [], "int8", timing_cache)
@@ -337,3 +338,108 @@ def test_the_cache_builds_the_first_engine_and_refits_it_for_other_loras(
     assert unet["refitted"]  # B's weights written into A's engine
     assert not again.built and again.artefact == second.artefact  # from the cache
     assert sorted(tmp_path.glob("timing-cache-trt*-sm_90.bin"))  # one timing cache per GPU
+
+
+def test_an_engine_that_cannot_be_refitted_is_built_instead(
+    registry: Registry, tmp_path: Path, fake_trt: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hypersd.backends import build_artefact
+
+    monkeypatch.setattr(tensorrt, "require_tensorrt", lambda device: fake_tensorrt)
+    monkeypatch.setattr(tensorrt, "gpu_architecture", lambda device: "sm_90")
+    # TensorRT refuses the refit (as it does for weights it cannot change in place)
+    monkeypatch.setattr(fake_tensorrt.Refitter, "refit_cuda_engine", lambda self: False)
+    spec_a = with_fields(registry.get("sd15-cfg"), backend="tensorrt")
+    spec_b = with_fields(
+        spec_a, loras=[lora.model_dump() | {"scale": 0.2} for lora in spec_a.loras]
+    )
+
+    def build(spec: ModelSpec) -> BackendResult:
+        pipe = load(with_fields(spec, backend="eager"), device="cpu", warmup=False).pipe
+        return build_artefact(pipe, spec, tmp_path)
+
+    first, second = build(spec_a), build(spec_b)
+    assert first.built and second.built and first.artefact != second.artefact
+    assert second.parity  # exported and built from B's weights, not refitted from A's engines
+    unet = json.loads((second.artefact / "unet.plan").read_text())  # type: ignore[operator]
+    assert "refitted" not in unet and unet["profiles"]
+    assert (second.artefact / "unet.onnx").is_file()  # type: ignore[operator]
+
+
+def test_an_entry_with_cfg_gets_other_engines_than_one_without(registry: Registry) -> None:
+    # Same weights, no LoRAs, one recipe with CFG (the UNet's batch doubled) and one without:
+    # neither may reuse nor refit the other's engines, whose profiles would not take its batches.
+    teacher = with_fields(registry.get("sd15-teacher"), backend="tensorrt", name="base")
+    no_cfg = with_fields(
+        teacher, recipe="nstep-lora", steps=[1, 2, 4], default_steps=2, guidance_scale=0.0
+    )
+    assert no_cfg.recipe_info.guidance_range[1] <= 1 < teacher.recipe_info.guidance_range[1]
+    assert tensorrt_key(teacher, "10.3.0", "sm_90") != tensorrt_key(no_cfg, "10.3.0", "sm_90")
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_any_batch_runs_within_the_engine_profiles(registry: Registry, static: bool) -> None:
+    from hypersd.backends import tensorrt_runtime
+
+    # CFG doubles the UNet batch; batch_sizes (1, 4, 8) static: profiles at 1, 2, 4, 8 and 16 only.
+    spec, unet, factor = unet_component(registry, "sd15-cfg")
+    spec = with_fields(spec, static_shapes=static)
+    profiles = [
+        {name: (shapes.min, shapes.opt, shapes.max) for name, shapes in profile.items()}
+        for profile in tensorrt.profiles(spec, unet, factor)
+    ]
+    batches_run = []
+
+    def engine(inputs: dict[str, torch.Tensor], output_shapes: dict) -> list[torch.Tensor]:
+        shapes = {name: tuple(tensor.shape) for name, tensor in inputs.items()}
+        assert tensorrt_runtime.profile_index(profiles, shapes) is not None, shapes
+        batches_run.append(shapes["sample"][0])
+        noise_pred = inputs["sample"] * inputs["timestep"][:, None, None, None]
+        assert noise_pred.shape == output_shapes["noise_pred"]
+        return [noise_pred]
+
+    for images in range(1, 2 * max(spec.batch_sizes) + 2):
+        batch = 2 * images
+        inputs = {
+            name: torch.randn(batch, *example.shape[1:]) for name, example in unet.inputs.items()
+        }
+        shapes = {name: tuple(tensor.shape) for name, tensor in inputs.items()}
+        ranges = tensorrt_runtime.batch_ranges(profiles, shapes)
+        batches_run.clear()
+        (noise_pred,) = tensorrt_runtime.run_in_profile_batches(
+            engine, inputs, {"noise_pred": tuple(inputs["sample"].shape)}, ranges
+        )
+        # every sample's own result, none lost or mixed with the padding
+        expected = inputs["sample"] * inputs["timestep"][:, None, None, None]
+        torch.testing.assert_close(noise_pred, expected)
+        assert sum(batches_run) >= batch and max(batches_run) <= 2 * max(spec.batch_sizes)
+        if static:
+            assert set(batches_run) <= {1, 2, 4, 8, 16}
+        else:
+            assert batches_run == [16] * (batch // 16) + [batch % 16] * (batch % 16 > 0)
+
+    with pytest.raises(ValueError, match="no optimisation profile"):
+        tensorrt_runtime.batch_chunks(2, [])
+
+
+def test_builds_at_once_keep_each_others_timing_cache_entries(
+    registry: Registry, tmp_path: Path, fake_trt: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, unet, factor = unet_component(registry, "sd15-cfg")
+    onnx_path = tmp_path / "unet.onnx"
+    onnx_export.export_onnx(unet, onnx_path)
+    timing_cache = tmp_path / "timing.bin"
+    build = fake_tensorrt.Builder.build_serialized_network
+
+    def while_another_build_finishes(self: object, network: object, config: object) -> bytes:
+        # another model's build on this GPU writes the file after this one read it
+        timing_cache.write_bytes(b"timed vae_decoder.onnx;")
+        return build(self, network, config)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(
+        fake_tensorrt.Builder, "build_serialized_network", while_another_build_finishes
+    )
+    profiles = tensorrt.profiles(spec, unet, factor)
+    tensorrt.build_engine(onnx_path, tmp_path / "unet.plan", profiles, "float16", timing_cache)
+    entries = set(timing_cache.read_text().split(";")) - {""}
+    assert entries == {"timed vae_decoder.onnx", "timed unet.onnx"}

@@ -25,17 +25,16 @@ from pathlib import Path
 
 import diffusers
 import torch
+import transformers
 
 # `ort` imports onnxruntime only when it runs, so this package loads where it is not installed.
 from hypersd.backends import cache, compiled, onnx_export, ort, tensorrt
 from hypersd.backends.onnx_export import Parity
 from hypersd.lora import SDPipeline
-from hypersd.registry import BACKENDS, ModelSpec, format_size
+from hypersd.registry import ARTEFACT_BACKENDS, BACKENDS, ModelSpec
 
 log = logging.getLogger(__name__)
 
-# The backends that build an artefact (`build_artefact`, `hypersd build-engine`).
-ARTEFACT_BACKENDS = ("onnxruntime", "tensorrt")
 # The pipeline attributes a backend may replace, restored when it fails.
 _SWAPPED = ("text_encoder", "text_encoder_2", "unet", "vae")
 
@@ -81,6 +80,8 @@ def _export_versions() -> dict[str, str]:
         "hypersd-export": f"{onnx_export.EXPORT_VERSION}, opset {onnx_export.OPSET}",
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
+        # the text encoders are transformers modules
+        "transformers": transformers.__version__,
     }
 
 
@@ -98,11 +99,6 @@ def tensorrt_key(
         gpu_architecture: `hypersd.backends.tensorrt.gpu_architecture(device)`, e.g. "sm_90".
         base_hash: `cache.weights_hash(spec)` when already known.
     """
-    profile = {
-        "sizes": [format_size(size) for size in spec.sizes],
-        "batch_sizes": list(spec.batch_sizes),
-        "static": spec.static_shapes,
-    }
     return cache.artefact_key(
         spec,
         backend="tensorrt",
@@ -110,7 +106,7 @@ def tensorrt_key(
         device=gpu_architecture,
         versions=_export_versions() | {"tensorrt": tensorrt_version},
         base_hash=base_hash,
-        profile=profile,
+        profile=tensorrt.profile_settings(spec),
     )
 
 
@@ -148,7 +144,7 @@ def _build_tensorrt(pipe: SDPipeline, spec: ModelSpec, root: Path) -> BackendRes
                 tensorrt.refit_artefact(source, pipe, folder)
                 log.info("model %s: refitted the engines of %s", spec.name, source.name)
                 return
-            except ValueError as reason:
+            except ValueError as reason:  # `tensorrt.RefitError` among them
                 log.info("model %s: cannot refit (%s), building", spec.name, reason)
                 for partial in folder.glob(f"*{tensorrt.ENGINE_SUFFIX}"):
                     partial.unlink()
@@ -182,6 +178,8 @@ def build_artefact(
     root = cache.cache_dir(cache_root)
     if spec.backend == "tensorrt":
         return _build_tensorrt(pipe, spec, root)
+    # Checked first: an artefact keyed for CUDA that this ONNX Runtime cannot run is not built.
+    ort.require_provider(pipe.device)
     parity: list[Parity] = []
 
     def build(folder: Path) -> None:

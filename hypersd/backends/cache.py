@@ -148,6 +148,10 @@ def get_or_build(root: Path, key: str, build: Callable[[Path], None]) -> tuple[P
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / KEY_FILE).is_file():
             return final, False
+        # Staging folders of this key left by a builder that was killed (SIGKILL, the OOM
+        # killer): no live builder owns one, since building takes the lock held here.
+        for stale in root.glob(f".{key}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
         try:
             build(staging)

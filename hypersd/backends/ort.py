@@ -2,9 +2,9 @@
 
 `build` exports the pipeline's text encoder(s), UNet and VAE decoder (LoRAs already fused) into an
 artefact folder and checks each export against eager on the same inputs; `install` opens the
-sessions and swaps them into the diffusers pipeline as modules with the same call signatures, so
-the pipeline's own code (scheduler, CFG, per-image generators, SDXL's added conditions) runs
-unchanged around them.
+sessions and `swap_in` puts them into the diffusers pipeline as modules with the same call
+signatures, so the pipeline's own code (scheduler, CFG, per-image generators, SDXL's added
+conditions) runs unchanged around them.
 
 The CPU execution provider always; the CUDA one where `onnxruntime-gpu` is installed and the
 pipeline is on CUDA. On CUDA, inputs and outputs are bound to torch's own CUDA tensors (IO
@@ -15,6 +15,7 @@ never need to synchronise. On the CPU tensors cross as NumPy arrays that share t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -62,7 +63,7 @@ def providers(
     if "CUDAExecutionProvider" not in available:
         raise RuntimeError(
             "the onnxruntime backend on CUDA needs ONNX Runtime's CUDA execution provider: "
-            f"pip install onnxruntime-gpu (the `onnx-gpu` extra); installed providers: {available}"
+            f"pip install onnxruntime-gpu (the `gpu` extra); installed providers: {available}"
         )
     options = {"device_id": str(device.index or 0)}
     if stream is not None:
@@ -70,29 +71,34 @@ def providers(
     return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
 
+def require_provider(device: torch.device) -> None:
+    """Check that the installed ONNX Runtime can run on `device` (see `providers`).
+
+    Raises:
+        RuntimeError: if `device` is CUDA and ONNX Runtime has no CUDA provider.
+    """
+    import onnxruntime
+
+    providers(device, onnxruntime.get_available_providers())
+
+
 class Session:
     """One ONNX Runtime inference session, called with and returning torch tensors.
+
+    It runs on torch's current number of threads, so that a worker's `--threads` holds for both
+    runtimes. `io_binding` (on CUDA, where it saves two host copies per call) binds torch's
+    tensors to the session's inputs and outputs instead of passing NumPy arrays.
 
     Args:
         path: The `.onnx` file.
         device: Where the returned tensors go (the pipeline's device).
-        threads: Intra-op threads; `None` for torch's current setting, so that a worker's
-            `--threads` holds for both runtimes.
-        io_binding: Bind torch's tensors to the session's inputs and outputs instead of passing
-            NumPy arrays; `None` for on CUDA only (where it saves two host copies per call).
     """
 
-    def __init__(
-        self,
-        path: Path,
-        device: torch.device,
-        threads: int | None = None,
-        io_binding: bool | None = None,
-    ) -> None:
+    def __init__(self, path: Path, device: torch.device) -> None:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         cuda = device.type == "cuda"
@@ -102,7 +108,7 @@ class Session:
             str(path), sess_options=options, providers=chosen
         )
         self.device = device
-        self.io_binding = cuda if io_binding is None else io_binding
+        self.io_binding = cuda
         self.input_names = [node.name for node in self.session.get_inputs()]
         self.output_names = [node.name for node in self.session.get_outputs()]
 
@@ -176,38 +182,39 @@ class Runner(Protocol):
     ) -> list[torch.Tensor]: ...
 
 
-class _SessionModule(torch.nn.Module):
-    """Base of the swapped-in components: a module without parameters that runs a session.
+class _ExportedModule(torch.nn.Module):
+    """Base of the swapped-in components: a module without parameters that calls its runner
+    (an ONNX Runtime session or a TensorRT engine).
 
     diffusers reads `device` and `dtype` off every component, and the phase timer hooks the text
     encoders' forward, so these stay `torch.nn.Module`s.
     """
 
-    def __init__(self, session: Runner, config: Any) -> None:
+    def __init__(self, runner: Runner, config: Any) -> None:
         super().__init__()
-        self.session = session
+        self.runner = runner
         self.config = config
 
     @property
     def device(self) -> torch.device:
-        return self.session.device
+        return self.runner.device
 
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32
 
 
-class OrtTextEncoder(_SessionModule):
-    """A CLIP text encoder (`CLIPTextModel` or `CLIPTextModelWithProjection`) run by a session.
+class ExportedTextEncoder(_ExportedModule):
+    """A CLIP text encoder (`CLIPTextModel` or `CLIPTextModelWithProjection`), exported.
 
     Args:
-        session: What runs the exported encoder.
+        runner: What runs the exported encoder.
         config: The torch encoder's config (the pipelines read `projection_dim` from it).
         projected: Whether it is SDXL's second encoder (its first output is the pooled projection).
     """
 
-    def __init__(self, session: Runner, config: Any, projected: bool) -> None:
-        super().__init__(session, config)
+    def __init__(self, runner: Runner, config: Any, projected: bool) -> None:
+        super().__init__(runner, config)
         self.projected = projected
 
     def forward(
@@ -224,7 +231,7 @@ class OrtTextEncoder(_SessionModule):
         shapes: dict[str, tuple[int, ...]] = {name: hidden for name in onnx_export.TEXT_OUTPUTS}
         if self.projected:
             shapes["text_embeds"] = (batch, self.config.projection_dim)
-        outputs = self.session({"input_ids": input_ids.to(torch.int64)}, shapes)
+        outputs = self.runner({"input_ids": input_ids.to(torch.int64)}, shapes)
         # Only the penultimate and last hidden states are exported: what the SD1.5 and SDXL
         # pipelines read without `clip_skip` (which no recipe uses).
         last, penultimate = outputs[-2], outputs[-1]
@@ -235,18 +242,18 @@ class OrtTextEncoder(_SessionModule):
         return BaseModelOutputWithPooling(last_hidden_state=last, hidden_states=(penultimate, last))
 
 
-class OrtUNet(_SessionModule):
-    """A `UNet2DConditionModel` run by a session.
+class ExportedUNet(_ExportedModule):
+    """A `UNet2DConditionModel` run by an exported graph.
 
     Args:
-        session: What runs the exported UNet.
+        runner: What runs the exported UNet.
         unet: The torch UNet: its config, and for SDXL its `add_embedding` (a few linear layers),
             which the SDXL pipeline reads to check its added time ids.
     """
 
-    def __init__(self, session: Runner, unet: torch.nn.Module) -> None:
-        super().__init__(session, unet.config)
-        self.sdxl = "text_embeds" in session.input_names
+    def __init__(self, runner: Runner, unet: torch.nn.Module) -> None:
+        super().__init__(runner, unet.config)
+        self.sdxl = "text_embeds" in runner.input_names
         if self.sdxl:
             self.add_embedding = unet.add_embedding
 
@@ -278,14 +285,14 @@ class OrtUNet(_SessionModule):
             inputs["text_embeds"] = added_cond_kwargs["text_embeds"].float()
             inputs["time_ids"] = added_cond_kwargs["time_ids"].float()
         shape = (batch, self.config.out_channels, *sample.shape[2:])
-        return (self.session(inputs, {"noise_pred": shape})[0],)
+        return (self.runner(inputs, {"noise_pred": shape})[0],)
 
 
-class OrtVaeDecoder(_SessionModule):
-    """An `AutoencoderKL`'s `decode` run by a session (the pipelines never encode).
+class ExportedVaeDecoder(_ExportedModule):
+    """An `AutoencoderKL`'s `decode` run by an exported graph (the pipelines never encode).
 
     Args:
-        session: What runs the exported decoder.
+        runner: What runs the exported decoder.
         config: The torch VAE's config (scaling factor, latent statistics).
     """
 
@@ -295,7 +302,7 @@ class OrtVaeDecoder(_SessionModule):
         batch, _, height, width = latent.shape
         factor = 2 ** (len(self.config.block_out_channels) - 1)
         shape = (batch, self.config.out_channels, height * factor, width * factor)
-        return (self.session({"latent": latent.float()}, {"image": shape})[0],)
+        return (self.runner({"latent": latent.float()}, {"image": shape})[0],)
 
 
 def build(
@@ -314,6 +321,10 @@ def build(
     Returns:
         Each component's parity with eager on its example inputs (at another batch size than
         the one traced, so that the dynamic batch axis is checked too).
+
+    Raises:
+        onnx_export.ExportMismatchError: if an export is further from eager than
+            `onnx_export.MAX_REL_ERROR`; nothing of it is cached then.
     """
     report = []
     for traced in onnx_export.components(pipe, batch_size=2):
@@ -327,37 +338,45 @@ def build(
             onnx_export.eager_outputs(component, component.inputs),
             session.run_numpy(component.inputs),
         )
+        if not parity.max_rel <= onnx_export.MAX_REL_ERROR:  # NaN fails too
+            raise onnx_export.ExportMismatchError(
+                f"the export does not match eager: {parity} (allowed: max rel error "
+                f"{onnx_export.MAX_REL_ERROR:g})"
+            )
         log.info("exported %s", parity)
         report.append(parity)
     return report
 
 
-def install(pipe: SDPipeline, folder: Path) -> None:
-    """Open the sessions of `folder` and swap them into `pipe` in place of its torch modules.
+def swap_in(pipe: SDPipeline, runner: Callable[[str], Runner]) -> None:
+    """Swap runners of the exported components into `pipe` in place of its torch modules.
 
-    All sessions open before anything is swapped, so a failure leaves `pipe` as it was.
+    Every runner is made before anything is swapped, so a failure leaves `pipe` as it was.
+
+    Args:
+        pipe: The loaded pipeline the components were exported from.
+        runner: The runner of a component, by its name (`onnx_export.UNET`, ...).
+    """
+    swaps: dict[str, torch.nn.Module] = {
+        "text_encoder": ExportedTextEncoder(
+            runner(onnx_export.TEXT_ENCODER), pipe.text_encoder.config, projected=False
+        ),
+        "unet": ExportedUNet(runner(onnx_export.UNET), pipe.unet),
+        "vae": ExportedVaeDecoder(runner(onnx_export.VAE_DECODER), pipe.vae.config),
+    }
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        swaps["text_encoder_2"] = ExportedTextEncoder(
+            runner(onnx_export.TEXT_ENCODER_2), pipe.text_encoder_2.config, projected=True
+        )
+    for name, module in swaps.items():
+        setattr(pipe, name, module)
+
+
+def install(pipe: SDPipeline, folder: Path) -> None:
+    """Open the sessions of `folder` and swap them into `pipe` (`swap_in`).
 
     Args:
         pipe: The loaded pipeline whose export `folder` holds.
         folder: The artefact folder `build` wrote.
     """
-    device = pipe.device
-    swaps: dict[str, torch.nn.Module] = {
-        "text_encoder": OrtTextEncoder(
-            Session(folder / f"{onnx_export.TEXT_ENCODER}.onnx", device),
-            pipe.text_encoder.config,
-            projected=False,
-        ),
-        "unet": OrtUNet(Session(folder / f"{onnx_export.UNET}.onnx", device), pipe.unet),
-        "vae": OrtVaeDecoder(
-            Session(folder / f"{onnx_export.VAE_DECODER}.onnx", device), pipe.vae.config
-        ),
-    }
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        swaps["text_encoder_2"] = OrtTextEncoder(
-            Session(folder / f"{onnx_export.TEXT_ENCODER_2}.onnx", device),
-            pipe.text_encoder_2.config,
-            projected=True,
-        )
-    for name, module in swaps.items():
-        setattr(pipe, name, module)
+    swap_in(pipe, lambda name: Session(folder / f"{name}.onnx", pipe.device))

@@ -4,9 +4,10 @@
 builds one engine per component with the TensorRT Python API (fp16 or bf16 layers, optimisation
 profiles over the registry's batch sizes and sizes, a timing cache shared by every build on the
 same TensorRT version and GPU), and keeps the ONNX files and a refit map beside the engines.
-`install` swaps `TrtModule`s into the pipeline: each binds torch CUDA tensors to the engine's
-inputs and outputs (`set_tensor_address`) and enqueues on torch's current stream
-(`execute_async_v3`); with `static_shapes` every (batch, size) profile is replayed as a CUDA graph.
+`hypersd.backends.tensorrt_runtime.install` swaps the engines into the pipeline: each call binds
+torch CUDA tensors to the engine's inputs and outputs (`set_tensor_address`) and enqueues on
+torch's current stream (`execute_async_v3`); with `static_shapes` every (batch, size) profile is
+replayed as a CUDA graph.
 
 A LoRA change never refits one LoRA over another (that leaves a blend of both): the new weights
 come from the *base* model with the new LoRAs fused at their scales (`hypersd.backends.refit`),
@@ -19,6 +20,7 @@ where either is missing, and `install_backend` then falls back to eager (or fail
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -35,7 +37,7 @@ import torch
 from hypersd.backends import onnx_export, ort, refit
 from hypersd.backends.onnx_export import Parity
 from hypersd.lora import SDPipeline
-from hypersd.registry import ModelSpec
+from hypersd.registry import ModelSpec, format_size
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,22 @@ def _batch_ranges(spec: ModelSpec, name: str) -> Iterator[tuple[int, int, int]]:
         yield 1, min(spec.batch_sizes), max(spec.batch_sizes) * max(factors)
 
 
+def profile_settings(spec: ModelSpec) -> dict[str, object]:
+    """What the engines' optimisation profiles are made from, for their cache key: sizes and
+    every component's batch ranges (the UNet's doubled under CFG, so an entry with CFG never
+    reuses or refits the engines of one without it).
+
+    Args:
+        spec: The registry spec.
+    """
+    return {
+        "sizes": [format_size(size) for size in spec.sizes],
+        "static": spec.static_shapes,
+        "unet_batches": list(_batch_ranges(spec, onnx_export.UNET)),
+        "batches": list(_batch_ranges(spec, onnx_export.VAE_DECODER)),
+    }
+
+
 def _input_shape(name: str, example: torch.Tensor, batch: int, latent: tuple[int, int]) -> Shape:
     """An input's shape at `batch`, with latent inputs at `latent` (height, width)."""
     dims = [batch, *example.shape[1:]]
@@ -182,12 +200,23 @@ def profiles(
     return result
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename (readers never see half)."""
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(descriptor, "wb") as file:
-        file.write(data)
-    os.replace(temporary, path)
+def _save_timing_cache(config: Any, path: Path) -> None:
+    """Merge a finished build's timing cache into the file at `path`.
+
+    Builds of other models on this GPU share the file and may have written to it since this
+    one read it, so their entries are combined in under a lock rather than overwritten. The
+    file is written through a temporary file and a rename, so readers never see half of it.
+    """
+    timing_cache = config.get_timing_cache()
+    with (path.parent / f"{path.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            timing_cache.combine(config.create_timing_cache(path.read_bytes()), True)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(bytes(timing_cache.serialize()))
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide it from workers of other users
+        os.replace(temporary, path)
 
 
 def build_engine(
@@ -205,7 +234,7 @@ def build_engine(
         engine_profiles: Its optimisation profiles (`profiles`).
         precision: "float16", "bfloat16" or "float32": the layers' precision (TensorRT keeps
             float32 where a layer needs it).
-        timing_cache: The timing cache file, read if present and written back after the build:
+        timing_cache: The timing cache file, read if present and merged back after the build:
             kernels timed once are not timed again by the next build on this GPU.
 
     Raises:
@@ -242,8 +271,7 @@ def build_engine(
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path.name} (see log)")
     engine_path.write_bytes(bytes(serialized))
-    # Written atomically: builds of other models on this GPU share the file.
-    _write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
+    _save_timing_cache(config, timing_cache)
 
 
 def build(pipe: SDPipeline, spec: ModelSpec, folder: Path, timing_cache: Path) -> list[Parity]:
@@ -281,6 +309,10 @@ def build(pipe: SDPipeline, spec: ModelSpec, folder: Path, timing_cache: Path) -
     return parity
 
 
+class RefitError(ValueError):
+    """An engine cannot take a model's weights by refitting: it is built instead."""
+
+
 def refit_artefact(source: Path, pipe: SDPipeline, target: Path) -> None:
     """Write into `target` the engines of `source` with `pipe`'s weights, without rebuilding.
 
@@ -296,15 +328,20 @@ def refit_artefact(source: Path, pipe: SDPipeline, target: Path) -> None:
         target: An empty artefact folder.
 
     Raises:
-        ValueError: if a weight cannot be refitted (see `refit.refit_weights`): rebuild instead.
+        ValueError: if a weight cannot be refitted (see `refit.refit_weights`), or `RefitError`
+            if TensorRT cannot refit an engine: either way, build instead.
     """
     trt = import_tensorrt()
     runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
     maps = json.loads((source / refit.REFIT_MAP_FILE).read_text())
     for component in onnx_export.components(pipe):
+        if component.name not in maps:
+            raise RefitError(f"{source.name} has no refit map of the {component.name}")
         weights = refit.refit_weights(maps[component.name], component.module.state_dict())
         plan = f"{component.name}{ENGINE_SUFFIX}"
         engine = runtime.deserialize_cuda_engine((source / plan).read_bytes())
+        if engine is None:
+            raise RefitError(f"TensorRT could not load {source.name}/{plan}")
         refit_engine(engine, weights)
         (target / plan).write_bytes(bytes(engine.serialize()))
     (target / refit.REFIT_MAP_FILE).write_text(json.dumps(maps))
@@ -319,7 +356,7 @@ def refit_engine(engine: Any, weights: dict[str, np.ndarray]) -> None:
             base model with the new LoRAs fused: never of the engine's current weights).
 
     Raises:
-        RuntimeError: if TensorRT reports weights still missing or the refit fails.
+        RefitError: if TensorRT reports a weight unknown or still missing, or the refit fails.
     """
     trt = import_tensorrt()
     refitter = trt.Refitter(engine, trt.Logger(trt.Logger.WARNING))
@@ -328,9 +365,9 @@ def refit_engine(engine: Any, weights: dict[str, np.ndarray]) -> None:
         contiguous = np.ascontiguousarray(array)
         kept.append(contiguous)
         if not refitter.set_named_weights(name, trt.Weights(contiguous)):
-            raise RuntimeError(f"the engine has no refittable weight {name!r}")
+            raise RefitError(f"the engine has no refittable weight {name!r}")
     missing = refitter.get_missing_weights()
     if missing:
-        raise RuntimeError(f"refit is missing weights: {', '.join(missing[:5])}...")
+        raise RefitError(f"refit is missing weights: {', '.join(missing[:5])}...")
     if not refitter.refit_cuda_engine():
-        raise RuntimeError("TensorRT's refit failed (see its log)")
+        raise RefitError("TensorRT's refit failed (see its log)")
