@@ -443,3 +443,40 @@ def test_builds_at_once_keep_each_others_timing_cache_entries(
     tensorrt.build_engine(onnx_path, tmp_path / "unet.plan", profiles, "float16", timing_cache)
     entries = set(timing_cache.read_text().split(";")) - {""}
     assert entries == {"timed vae_decoder.onnx", "timed unet.onnx"}
+
+
+@pytest.mark.parametrize("direction", ["loras to none", "none to loras"])
+def test_refits_between_an_entry_with_loras_and_one_without(
+    registry: Registry, tmp_path: Path, fake_trt: None, direction: str
+) -> None:
+    import hashlib
+
+    # Fused LoRA layers keep the base weight as `<layer>.base_layer.weight`: the names differ
+    # from the plain model's, and each must still find the other's weights.
+    with_loras = with_fields(registry.get("sd15-cfg"), backend="tensorrt")
+    without = with_fields(with_loras, loras=[])
+    source, target = (
+        (with_loras, without) if direction == "loras to none" else (without, with_loras)
+    )
+    source_pipe = load(with_fields(source, backend="eager"), device="cpu", warmup=False).pipe
+    target_pipe = load(with_fields(target, backend="eager"), device="cpu", warmup=False).pipe
+    built, refitted = tmp_path / "built", tmp_path / "refitted"
+    built.mkdir()
+    refitted.mkdir()
+    tensorrt.build(source_pipe, source, built, tmp_path / "timing.bin")
+    tensorrt.refit_artefact(built, target_pipe, refitted)
+
+    # what the target model's own export holds, by value: the refit wrote exactly that
+    maps = json.loads((built / refit.REFIT_MAP_FILE).read_text())
+    exported = tmp_path / "target-unet.onnx"
+    unet = next(p for p in onnx_export.components(target_pipe) if p.name == onnx_export.UNET)
+    onnx_export.export_onnx(unet, exported)
+    target_values = {
+        name: hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+        for name, array in refit.refit_weights(
+            refit.refit_map(exported, unet.module), unet.module.state_dict()
+        ).items()
+    }
+    record = json.loads((refitted / "unet.plan").read_text())
+    assert len(record["refitted"]) == len(maps["unet"]) > 0
+    assert set(record["refitted"].values()) <= set(target_values.values())

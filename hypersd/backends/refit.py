@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,24 @@ import torch
 REFIT_MAP_FILE = "refit_map.json"
 # One initializer's sources: (parameter name, whether the initializer is its transpose).
 RefitMap = dict[str, list[tuple[str, bool]]]
+
+
+def base_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` under the plain model's parameter names.
+
+    A model with fused LoRAs keeps peft's layers: each wrapped layer holds its (fused) weight as
+    `<layer>.base_layer.weight`, beside its `lora_*` tensors, which the merged layer no longer
+    reads (so no export holds them). Named the plain way, an entry with LoRAs and one without
+    (or with LoRAs over other layers) refit each other's engines.
+
+    Args:
+        state: A component's state dict.
+    """
+    return {
+        name.replace(".base_layer.", "."): tensor
+        for name, tensor in state.items()
+        if ".lora_" not in name
+    }
 
 
 def _fingerprint(array: np.ndarray) -> tuple[tuple[int, ...], str]:
@@ -47,7 +66,7 @@ def refit_map(onnx_path: Path, module: torch.nn.Module) -> RefitMap:
     from onnx import numpy_helper
 
     index: dict[tuple[tuple[int, ...], str], list[tuple[str, bool]]] = defaultdict(list)
-    for name, tensor in module.state_dict().items():
+    for name, tensor in base_names(module.state_dict()).items():
         if not tensor.is_floating_point():
             continue
         array = tensor.detach().float().cpu().numpy()
@@ -74,12 +93,15 @@ def refit_weights(mapping: RefitMap, state: dict[str, torch.Tensor]) -> dict[str
     Raises:
         ValueError: if an initializer's sources no longer agree (two parameters that were equal
             in the exported model differ now), naming them: the engine shares one weight for
-            both and cannot be refitted; rebuild it instead.
+            both and cannot be refitted; or if the new model lacks a parameter. Rebuild then.
     """
+    state = base_names(state)
     weights = {}
     for initializer, sources in mapping.items():
         values = []
         for name, transposed in sources:
+            if name not in state:
+                raise ValueError(f"the new model has no parameter {name}; rebuild the engine")
             array = state[name].detach().float().cpu().numpy()
             values.append(np.ascontiguousarray(array.T if transposed else array))
         if any(not np.array_equal(values[0], value) for value in values[1:]):
