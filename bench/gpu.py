@@ -29,7 +29,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,46 +220,72 @@ def time_generate(generator: Generator, batch: int, device: str, repeats: int) -
     return median_seconds(lambda: generator.generate(requests, steps=1), device, repeats)
 
 
-def run(args: argparse.Namespace) -> list[str]:
-    """The benchmark's markdown lines (machine, matmul rate, the table)."""
+def rows(
+    generator: Generator,
+    model: str,
+    backend: str,
+    flops: dict[int, int],
+    rate: float,
+    repeats: int,
+) -> Iterator[str]:
+    """The table's rows of one backend: per batch, its median time beside the FLOP floor.
+
+    Args:
+        generator: The pipeline on `backend`.
+        model: The rows' first cells (arch and size).
+        backend: Its name, for the row.
+        flops: The call's FLOPs by batch (`count_flops`).
+        rate: The GPU's measured matmul FLOP/s.
+        repeats: Timed calls per batch.
+    """
+    device = generator.pipe.device.type
+    for batch, count in flops.items():
+        seconds = time_generate(generator, batch, device, repeats)
+        floor = count / rate
+        yield (
+            f"{model} {batch} | {backend} | {seconds * 1000:.1f} | {count / 1e9:.1f} "
+            f"| {floor * 1000:.2f} | {seconds / floor:.1f}x |"
+        )
+
+
+def run(args: argparse.Namespace) -> Iterator[str]:
+    """The benchmark's markdown lines (machine, matmul rate, the table), each as soon as it is
+    measured: a run stopped by a time limit keeps the rows it finished."""
     device = "cpu" if args.tiny else "cuda"
     rate_dtype = torch.float32 if args.tiny else torch.bfloat16
     rate = matmul_rate(device, rate_dtype, 256 if args.tiny else 8192)
-    lines = [
-        describe_machine(device),
-        "",
-        f"Measured {str(rate_dtype).removeprefix('torch.')} matmul rate: {rate / 1e12:.1f} TFLOP/s",
-        "",
-        "| arch | size | batch | backend | ms (median) | GFLOPs | floor ms | vs floor |",
-        "|---|---:|---:|---|---:|---:|---:|---:|",
-    ]
+    yield describe_machine(device)
+    yield ""
+    precision = str(rate_dtype).removeprefix("torch.")
+    yield f"Measured {precision} matmul rate: {rate / 1e12:.1f} TFLOP/s"
+    yield ""
+    yield "| arch | size | batch | backend | ms (median) | GFLOPs | floor ms | vs floor |"
+    yield "|---|---:|---:|---|---:|---:|---:|---:|"
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    backends = args.backends.split(",")
     for arch in args.archs.split(","):
         config = architecture(arch, args.tiny)
         size = config["size"]
         spec = spec_for(config, args.batch_sizes, work)
-        # Counted on eager: what the model computes, whichever backend computes it.
+
+        # Counted on eager: what the model computes, whichever backend computes it. The same
+        # pipeline gives eager's rows: building another would cost minutes for SDXL.
         eager = generator_for(config, spec, "eager", device, work)
         flops = {batch: count_flops(eager, batch) for batch in args.batch_sizes}
-        del eager
-        for backend in args.backends.split(","):
+        if "eager" in backends:
+            yield from rows(eager, f"| {arch} | {size} |", "eager", flops, rate, args.repeats)
+        del eager  # before the next backend's pipeline: SDXL's take gigabytes each
+        for backend in (name for name in backends if name != "eager"):
+            if device == "cuda":
+                torch.cuda.empty_cache()
             try:
                 generator = generator_for(config, spec, backend, device, work)
             except TensorRTUnavailableError as error:  # a missing backend is a row, not a crash
                 reason = f"{type(error).__name__}: {error}".replace("|", "/")
-                lines.append(f"| {arch} | {size} | - | {backend} | not run: {reason} | | | |")
+                yield f"| {arch} | {size} | - | {backend} | not run: {reason} | | | |"
                 continue
-            for batch in args.batch_sizes:
-                seconds = time_generate(generator, batch, device, args.repeats)
-                floor = flops[batch] / rate
-                lines.append(
-                    f"| {arch} | {size} | {batch} | {backend} | {seconds * 1000:.1f} "
-                    f"| {flops[batch] / 1e9:.1f} | {floor * 1000:.2f} | {seconds / floor:.1f}x |"
-                )
-            del generator  # before the next backend's pipeline: SDXL's take gigabytes each
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    return lines
+            yield from rows(generator, f"| {arch} | {size} |", backend, flops, rate, args.repeats)
+            del generator
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -283,7 +309,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_grad_enabled(False)
-    print("\n".join(run(args)))
+    for line in run(args):
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one call, for a lent GPU machine (torch with CUDA present,
-# no diffusers): issue 10's inference table and issue 15's training-step table.
+# no diffusers, no pydantic): issue 10's inference tables and issue 15's training-step table.
 #
-# Here, once per session (the wheels are ignored by git and travel with `carry`):
-#   echo /.gpu-wheels/ >> .git/info/exclude
-#   .venv/bin/pip download --no-deps -d .gpu-wheels diffusers transformers peft accelerate \
-#       safetensors huggingface-hub tokenizers onnx
-# Then, on the device (carry [".gpu-wheels"]):
-#   bash bench/gpu_checks.sh        # (timeout_s 600) tables under $OUT (or ./gpu-results), commit them to
-#                                   # bench/results/ with the card's name
-set -euo pipefail
+# Here, once per session: bash bench/gpu_wheels.sh   (the missing wheels, into .gpu-wheels/)
+# Then, on the device (carry [".gpu-wheels"], timeout_s 600):
+#   bash bench/gpu_checks.sh
+# The tables land under $OUT (or ./gpu-results); commit them to bench/results/ with the card's
+# name. Each step has its own time limit and prints its rows as it measures them, so a step that
+# runs out of time keeps what it finished and the next step still runs; the limits add up to
+# 540 s, leaving the rest of the 600 s call to the install.
+set -uo pipefail
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
-python -m pip install --quiet --no-deps .gpu-wheels/*.whl
+export PYTHONUNBUFFERED=1
+python3 -m pip install --quiet --no-deps .gpu-wheels/*.whl || { echo "wheel install failed"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-# inference: 1-step text->image, SD1.5 512² and SDXL 1024², eager fp16 and compile (+CUDA
-# graphs), batch 1 and 4, beside the FLOP floor (TensorRT only where installed)
-timeout 330 python -m bench.gpu --backends eager,compile --batch-sizes 1,4 | tee "$out/gpu.md"
+# inference: 1-step text->image, eager fp16 and compile (+CUDA graphs), batch 1 and 4, beside
+# the FLOP floor (TensorRT only where installed); one architecture per step
+timeout 150 python3 -m bench.gpu --archs sd15 --backends eager,compile --batch-sizes 1,4 \
+    | tee "$out/gpu-sd15.md"
+timeout 240 python3 -m bench.gpu --archs sdxl --backends eager,compile --batch-sizes 1,4 \
+    | tee "$out/gpu-sdxl.md"
 # training: one TSCD, one feedback and one DMD step of an SDXL-architecture model, 1024², batch 2,
 # bf16, time per step and peak memory
-timeout 240 python -m bench.gpu_training | tee "$out/gpu-training.md"
+timeout 150 python3 -m bench.gpu_training | tee "$out/gpu-training.md"

@@ -24,7 +24,7 @@ import gc
 import json
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -300,8 +300,9 @@ def measure(
     return name, sum(timed) / len(timed), peak
 
 
-def table(rows: Sequence[tuple[str, float, float | None]], args: argparse.Namespace) -> str:
-    lines = [
+def header(args: argparse.Namespace) -> list[str]:
+    """The table's title and column lines."""
+    return [
         f"SDXL architecture{' (tiny)' if args.tiny else ''}, {args.resolution}², batch "
         f"{args.batch_size}, bf16 weights, fp32 LoRAs (rank 64), gradient checkpointing; "
         f"{describe_machine(args.device)}",
@@ -309,10 +310,12 @@ def table(rows: Sequence[tuple[str, float, float | None]], args: argparse.Namesp
         "| stage | seconds per step | peak memory (GiB) |",
         "|---|---:|---:|",
     ]
-    for name, seconds, peak in rows:
-        memory = "not measured (CPU)" if peak is None else f"{peak:.1f}"
-        lines.append(f"| {name} | {seconds:.2f} | {memory} |")
-    return "\n".join(lines)
+
+
+def row(name: str, seconds: float, peak: float | None) -> str:
+    """One stage's table row (`measure`'s result)."""
+    memory = "not measured (CPU)" if peak is None else f"{peak:.1f}"
+    return f"| {name} | {seconds:.2f} | {memory} |"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -329,7 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.tiny:
         torch.set_num_threads(1)
     accelerator, device = make_accelerator(args.device, "bf16")
-    rows = []
+    # Each line as soon as it is known: a run stopped by a time limit keeps the stages it measured.
+    for line in header(args):
+        print(line, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         args.out = tmp
         for name in args.stages.split(","):
@@ -342,8 +347,7 @@ def main(argv: list[str] | None = None) -> None:
                     return tscd_step(pipe, device, args, accelerator)
                 return enhance_step(name, pipe, device, args, accelerator)
 
-            rows.append(measure(name, build, args.steps, device))
-    print(table(rows, args))
+            print(row(*measure(name, build, args.steps, device)), flush=True)
 
 
 if __name__ == "__main__":
