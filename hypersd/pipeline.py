@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,19 @@ class Generator:
         sampling = replace(self.spec.resolve_sampling(), steps=1)
         self._run([ImageRequest(prompt="warm-up", seed=0)], sampling, *self.spec.default_size)
 
+    def warmup_as_served(self) -> None:
+        """`warmup` here, then again from another thread, as a worker's micro-batcher calls it.
+
+        The second call catches backends that fail in a thread other than the one that first
+        ran them: torch.compile's CUDA graphs ("reduce-overhead") do in torch releases before
+        pytorch/pytorch#184357 (mid-2026). Run as a compiled backend's check at load, such a
+        failure falls back to eager there (or fails the load, `strict`) instead of failing every
+        job.
+        """
+        self.warmup()
+        with ThreadPoolExecutor(1, thread_name_prefix="warm-up") as other_thread:
+            other_thread.submit(self.warmup).result()
+
     def _run(
         self,
         requests: Sequence[ImageRequest],
@@ -246,8 +260,9 @@ def load(
         dtype: Weight dtype; defaults to float16 on CUDA (float32 for the `onnxruntime` and
             `tensorrt` backends, which export float32 graphs) and float32 elsewhere.
         warmup: Run one 1-step image before returning. For a compiled backend it is the first
-            call, where torch.compile compiles: only with it does a backend that fails there
-            fall back to eager at load; without it, that failure raises at the first `generate`.
+            call, where torch.compile compiles, made here and from another thread
+            (`Generator.warmup_as_served`): only with it does a backend that fails there fall
+            back to eager at load; without it, that failure raises at the first `generate`.
         cache_dir: The artefact cache of compiled backends; default
             `hypersd.backends.cache.cache_dir()` ($HYPERSD_ENGINE_CACHE, else
             ~/.cache/hypersd/engines).
@@ -273,7 +288,7 @@ def load(
     generator = Generator(spec, pipe)
     # A compiled backend's warm-up is its first call, which may fail (and then fall back).
     generator.backend = install_backend(
-        pipe, spec, cache_dir, check=generator.warmup if warmup else None
+        pipe, spec, cache_dir, check=generator.warmup_as_served if warmup else None
     )
     if warmup and generator.backend.backend == "eager":
         generator.warmup()

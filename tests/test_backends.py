@@ -392,6 +392,32 @@ def test_build_engine_refuses_a_backend_without_artefacts_before_loading(
     assert "--backend (onnxruntime or tensorrt)" in result.stderr
 
 
+def test_a_backend_that_fails_outside_its_loading_thread_falls_back_at_load(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from hypersd.backends import ort
+
+    loading_thread = threading.current_thread()
+    call = ort.Session.__call__
+
+    def only_on_the_loading_thread(self: ort.Session, *args: object) -> object:
+        # as torch.compile's CUDA graphs in torch before pytorch#184357 (the worker's batcher
+        # thread runs every batch)
+        if threading.current_thread() is not loading_thread:
+            raise AssertionError("torch._C._is_key_in_tls('tree_manager_containers')")
+        return call(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ort.Session, "__call__", only_on_the_loading_thread)
+    spec = with_backend(registry.get("sd15-nstep"))
+    generator = load(spec, device="cpu", warmup=True, cache_dir=tmp_path)
+    assert generator.backend.backend == "eager"
+    assert "_is_key_in_tls" in str(generator.backend.error)
+    with pytest.raises(AssertionError, match="_is_key_in_tls"):
+        load(with_backend(spec, strict=True), device="cpu", warmup=True, cache_dir=tmp_path)
+
+
 def test_a_failing_first_call_puts_the_eager_modules_back(
     registry: Registry, tmp_path: Path
 ) -> None:

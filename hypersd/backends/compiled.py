@@ -9,6 +9,14 @@ does not trigger a recompile.
 Nothing goes into the artefact cache: Inductor keeps its compiled kernels in its own on-disk
 cache (`TORCHINDUCTOR_CACHE_DIR`), and compiling happens lazily at the first call of each shape,
 which `Generator.warmup` makes at load. On a CPU that first call takes minutes.
+
+With `static_shapes` every other batch size and image size compiles again at its first request
+(and past torch's recompile limit, 8 by default, runs eager): it suits a worker whose batches
+have one size (`HYPERSD_MAX_BATCH_SIZE=1`, one image size), which is how latency SLAs are served.
+CUDA graphs fail in a thread other than the one that first ran them in torch releases before
+pytorch/pytorch#184357; the worker runs batches on its micro-batcher thread, so the load's check
+(`Generator.warmup_as_served`) calls the model from a second thread and falls back to eager there
+rather than failing every job.
 """
 
 from __future__ import annotations
