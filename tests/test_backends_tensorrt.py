@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from hypersd.backends import BackendResult, onnx_export, refit, tensorrt, tensorrt_key
+from hypersd.lora import SDPipeline
 from hypersd.pipeline import ImageRequest, load
 from hypersd.registry import LoraSpec, ModelSpec, Registry, load_registry
 
@@ -44,9 +45,29 @@ def fake_trt(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt)
 
 
+@pytest.fixture
+def fake_gpu(monkeypatch: pytest.MonkeyPatch, fake_trt: None) -> None:
+    """What needs a GPU, faked: its presence and its architecture."""
+    monkeypatch.setattr(tensorrt, "require_tensorrt", lambda device: fake_tensorrt)
+    monkeypatch.setattr(tensorrt, "gpu_architecture", lambda device: "sm_90")
+
+
 def with_fields(spec: ModelSpec, **fields: object) -> ModelSpec:
     """`spec` with other fields, validated like a registry entry."""
     return ModelSpec.model_validate(spec.model_dump() | fields)
+
+
+def with_other_scales(spec: ModelSpec) -> ModelSpec:
+    """`spec` with its LoRAs at scale 0.2: other weights, the same base model."""
+    return with_fields(spec, loras=[lora.model_dump() | {"scale": 0.2} for lora in spec.loras])
+
+
+def build_into(spec: ModelSpec, cache: Path) -> BackendResult:
+    """`build_artefact` of `spec` (TensorRT) into the artefact cache `cache`."""
+    from hypersd.backends import build_artefact
+
+    pipe = load(with_fields(spec, backend="eager"), device="cpu", warmup=False).pipe
+    return build_artefact(pipe, spec, cache)
 
 
 def test_without_tensorrt_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,21 +306,28 @@ def test_build_engine_without_tensorrt_says_what_to_install(tmp_path: Path) -> N
     assert not any(tmp_path.iterdir())
 
 
+def build_then_refit(
+    source: ModelSpec, target: ModelSpec, tmp_path: Path
+) -> tuple[Path, Path, SDPipeline]:
+    """Engines built for `source` into one folder, refitted for `target` into another; and
+    `target`'s eager pipeline (where the refit took its weights)."""
+    source_pipe = load(with_fields(source, backend="eager"), device="cpu", warmup=False).pipe
+    target_pipe = load(with_fields(target, backend="eager"), device="cpu", warmup=False).pipe
+    built, refitted = tmp_path / "built", tmp_path / "refitted"
+    built.mkdir()
+    refitted.mkdir()
+    tensorrt.build(source_pipe, source, built, tmp_path / "timing.bin")
+    tensorrt.refit_artefact(built, target_pipe, refitted)
+    return built, refitted, target_pipe
+
+
 def test_a_lora_change_refits_every_engine_from_the_base_weights(
     registry: Registry, tmp_path: Path, fake_trt: None
 ) -> None:
     import hashlib
 
     spec_a = with_fields(registry.get("sd15-cfg"), backend="tensorrt")
-    loras_b = [lora.model_dump() | {"scale": 0.2} for lora in spec_a.loras]
-    spec_b = with_fields(spec_a, loras=loras_b)
-    pipe_a = load(with_fields(spec_a, backend="eager"), device="cpu", warmup=False).pipe
-    pipe_b = load(with_fields(spec_b, backend="eager"), device="cpu", warmup=False).pipe
-    built, refitted = tmp_path / "a", tmp_path / "b"
-    built.mkdir()
-    refitted.mkdir()
-    tensorrt.build(pipe_a, spec_a, built, tmp_path / "timing.bin")
-    tensorrt.refit_artefact(built, pipe_b, refitted)
+    built, refitted, pipe_b = build_then_refit(spec_a, with_other_scales(spec_a), tmp_path)
 
     maps = json.loads((built / refit.REFIT_MAP_FILE).read_text())
     for component in onnx_export.components(pipe_b):
@@ -313,23 +341,11 @@ def test_a_lora_change_refits_every_engine_from_the_base_weights(
 
 
 def test_the_cache_builds_the_first_engine_and_refits_it_for_other_loras(
-    registry: Registry, tmp_path: Path, fake_trt: None, monkeypatch: pytest.MonkeyPatch
+    registry: Registry, tmp_path: Path, fake_gpu: None
 ) -> None:
-    from hypersd.backends import build_artefact
-
-    # What needs a GPU: its presence and its architecture.
-    monkeypatch.setattr(tensorrt, "require_tensorrt", lambda device: fake_tensorrt)
-    monkeypatch.setattr(tensorrt, "gpu_architecture", lambda device: "sm_90")
     spec_a = with_fields(registry.get("sd15-cfg"), backend="tensorrt")
-    spec_b = with_fields(
-        spec_a, loras=[lora.model_dump() | {"scale": 0.2} for lora in spec_a.loras]
-    )
-
-    def build(spec: ModelSpec) -> BackendResult:
-        pipe = load(with_fields(spec, backend="eager"), device="cpu", warmup=False).pipe
-        return build_artefact(pipe, spec, tmp_path)
-
-    first, second, again = build(spec_a), build(spec_b), build(spec_b)
+    spec_b = with_other_scales(spec_a)
+    first, second, again = (build_into(spec, tmp_path) for spec in (spec_a, spec_b, spec_b))
     assert first.built and first.parity  # exported, checked against eager, engines built
     assert second.built and not second.parity  # refitted: nothing exported
     assert first.artefact != second.artefact
@@ -341,24 +357,12 @@ def test_the_cache_builds_the_first_engine_and_refits_it_for_other_loras(
 
 
 def test_an_engine_that_cannot_be_refitted_is_built_instead(
-    registry: Registry, tmp_path: Path, fake_trt: None, monkeypatch: pytest.MonkeyPatch
+    registry: Registry, tmp_path: Path, fake_gpu: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from hypersd.backends import build_artefact
-
-    monkeypatch.setattr(tensorrt, "require_tensorrt", lambda device: fake_tensorrt)
-    monkeypatch.setattr(tensorrt, "gpu_architecture", lambda device: "sm_90")
     # TensorRT refuses the refit (as it does for weights it cannot change in place)
     monkeypatch.setattr(fake_tensorrt.Refitter, "refit_cuda_engine", lambda self: False)
     spec_a = with_fields(registry.get("sd15-cfg"), backend="tensorrt")
-    spec_b = with_fields(
-        spec_a, loras=[lora.model_dump() | {"scale": 0.2} for lora in spec_a.loras]
-    )
-
-    def build(spec: ModelSpec) -> BackendResult:
-        pipe = load(with_fields(spec, backend="eager"), device="cpu", warmup=False).pipe
-        return build_artefact(pipe, spec, tmp_path)
-
-    first, second = build(spec_a), build(spec_b)
+    first, second = (build_into(spec, tmp_path) for spec in (spec_a, with_other_scales(spec_a)))
     assert first.built and second.built and first.artefact != second.artefact
     assert second.parity  # exported and built from B's weights, not refitted from A's engines
     unet = json.loads((second.artefact / "unet.plan").read_text())  # type: ignore[operator]
@@ -458,13 +462,7 @@ def test_refits_between_an_entry_with_loras_and_one_without(
     source, target = (
         (with_loras, without) if direction == "loras to none" else (without, with_loras)
     )
-    source_pipe = load(with_fields(source, backend="eager"), device="cpu", warmup=False).pipe
-    target_pipe = load(with_fields(target, backend="eager"), device="cpu", warmup=False).pipe
-    built, refitted = tmp_path / "built", tmp_path / "refitted"
-    built.mkdir()
-    refitted.mkdir()
-    tensorrt.build(source_pipe, source, built, tmp_path / "timing.bin")
-    tensorrt.refit_artefact(built, target_pipe, refitted)
+    built, refitted, target_pipe = build_then_refit(source, target, tmp_path)
 
     # what the target model's own export holds, by value: the refit wrote exactly that
     maps = json.loads((built / refit.REFIT_MAP_FILE).read_text())
