@@ -332,20 +332,28 @@ def test_the_worker_reports_the_backend_in_use(
         runner.close()
         return runner.info().backend
 
-    def fallbacks() -> float:
+    def fallbacks() -> float | None:
         labels = {"model": spec.name, "backend": "onnxruntime"}
-        return METRICS.get_sample_value("hypersd_worker_backend_fallbacks_total", labels) or 0.0
+        return METRICS.get_sample_value("hypersd_worker_backend_fallbacks_total", labels)
+
+    def in_use() -> dict[str, float | None]:
+        return {
+            backend: METRICS.get_sample_value(
+                "hypersd_worker_backend", {"model": spec.name, "backend": backend}
+            )
+            for backend in ("eager", "onnxruntime")
+        }
 
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "cache"))
-    before = fallbacks()
     assert runner_backend() == "onnxruntime"
-    labels = {"model": spec.name, "backend": "onnxruntime"}
-    assert METRICS.get_sample_value("hypersd_worker_backend", labels) == 1
-    assert fallbacks() == before
+    assert in_use() == {"eager": 0, "onnxruntime": 1}
+    before = fallbacks()
+    assert before is not None  # the series exists before a fallback: increase() sees its step
 
     (tmp_path / "file").write_text("")
     monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "file"))  # unwritable: falls back
     assert runner_backend() == "eager"
+    assert in_use() == {"eager": 1, "onnxruntime": 0}  # the backend no longer in use reads 0
     assert fallbacks() == before + 1
 
 

@@ -204,6 +204,35 @@ def test_unknown_job_is_404_in_the_error_model(client: httpx.Client) -> None:
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found"
 
 
+def test_models_report_the_backend_their_workers_run(stack: Stack, client: httpx.Client) -> None:
+    import redis
+
+    from jobs.redis_store import RedisJobStore
+    from jobs.store import WorkerInfo
+
+    def models() -> dict[str, dict[str, Any]]:
+        return {model["id"]: model for model in client.get("/v1/models").json()["data"]}
+
+    # the worker's heartbeat: its backend as built; a model without workers: the registry's
+    assert models()[MODEL]["backend"] == "onnxruntime"
+    assert load_registry(SHIPPED_REGISTRY).get("shapes-hyper-1step").backend == "onnxruntime"
+    assert models()["shapes-hyper-1step"]["backend"] == "onnxruntime"
+    # A second worker of the model whose backend fell back to eager: both are shown.
+    redis_client = redis.Redis.from_url(stack.redis_url)
+    store = RedisJobStore(redis_client, ttl_s=60)
+    fell_back = WorkerInfo(
+        id="fell-back", model=MODEL, backend="eager", capacity=1, busy=0, last_beat=time.time()
+    )
+    store.beat(fell_back, ttl=30)
+    try:
+        model = models()[MODEL]
+        assert (model["backend"], model["workers"]) == ("eager, onnxruntime", 2)
+    finally:
+        store.forget_worker(fell_back.id)
+        redis_client.close()
+    assert models()[MODEL]["backend"] == "onnxruntime"
+
+
 def test_models_probes_and_metrics(client: httpx.Client) -> None:
     models = {model["id"]: model for model in client.get("/v1/models").json()["data"]}
     assert "shapes-base" in models and "shapes-hyper-1step" in models

@@ -35,7 +35,7 @@ MODEL_LOAD = Gauge(
 BUSY_SLOTS = Gauge("hypersd_worker_busy_slots", "Task slots running a job now.", ["model"])
 BACKEND = Gauge(
     "hypersd_worker_backend",
-    "1 for the backend the model runs on (eager after a fallback).",
+    "1 for the backend the model runs on (eager after a fallback), 0 for the others.",
     ["model", "backend"],
 )
 BACKEND_FALLBACKS = Counter(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from hypersd.contracts import ErrorDetail, JobStatus
-from hypersd.registry import ModelSpec
+from hypersd.registry import BACKENDS, ModelSpec
 from jobs.png_text import png_text
 from jobs.progress import StepReporter
 from jobs.record import JobRecord
@@ -280,12 +280,16 @@ def load_runner(
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
+    if spec.backend != "eager":
+        # The series exists at 0 before a fallback can count it: `increase()` sees the step to 1.
+        metrics.BACKEND_FALLBACKS.labels(spec.name, spec.backend)
     started = time.perf_counter()
     generator = load(spec, device=device, warmup=True)
     seconds = time.perf_counter() - started
     metrics.MODEL_LOAD.labels(spec.name).set(seconds)
     backend = generator.backend.backend
-    metrics.BACKEND.labels(spec.name, backend).set(1)
+    for name in BACKENDS:  # one backend at 1 per model, the others 0 (after a reload too)
+        metrics.BACKEND.labels(spec.name, name).set(int(name == backend))
     if backend != spec.backend:
         metrics.BACKEND_FALLBACKS.labels(spec.name, spec.backend).inc()
     artefact = generator.backend.artefact
