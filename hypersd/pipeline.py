@@ -127,16 +127,46 @@ class Generator:
             negative_prompt=any(request.negative_prompt for request in requests),
         )
         width, height = self.spec.resolve_size(width, height)
-        return self._run(requests, sampling, width, height, on_step)
+        padding = [requests[-1]] * (self.padded_batch(len(requests)) - len(requests))
+        result = self._run([*requests, *padding], sampling, width, height, on_step)
+        if padding:
+            del result.images[len(requests) :], result.seeds[len(requests) :]
+        return result
 
     def warmup(self) -> None:
         """Generate one 1-step image, so that the first request does not pay for lazy set-up.
 
         The first call of a pipeline selects kernels and fills memory pools; doing it at load
-        time keeps it out of the first user's latency.
+        time keeps it out of the first user's latency. torch.compile with static shapes
+        compiles per batch size: it is warmed up at every batch size it runs
+        (`padded_batch`).
         """
         sampling = replace(self.spec.resolve_sampling(), steps=1)
-        self._run([ImageRequest(prompt="warm-up", seed=0)], sampling, *self.spec.default_size)
+        batches = self.spec.batch_sizes if self._pads_batches() else (1,)
+        for batch in batches:
+            requests = [ImageRequest(prompt="warm-up", seed=seed) for seed in range(batch)]
+            self._run(requests, sampling, *self.spec.default_size)
+
+    def _pads_batches(self) -> bool:
+        """Whether batches run padded to the registry's `batch_sizes` (`padded_batch`)."""
+        return self.backend.backend == "compile" and self.spec.static_shapes
+
+    def padded_batch(self, size: int) -> int:
+        """The batch a call of `size` images runs at.
+
+        torch.compile with `static_shapes` compiles (and captures a CUDA graph) per batch size,
+        at that size's first call; the micro-batcher forms any size, so each new one would
+        compile during a request, and past torch's recompile limit run eager. Such a model runs
+        padded up to the next of the registry's `batch_sizes` (warmed up at load), the padding
+        images dropped: an image depends only on its own seed, not on its batch mates. Larger
+        batches than the largest listed run as they are. Every other backend runs `size`.
+
+        Args:
+            size: The images asked for.
+        """
+        if not self._pads_batches():
+            return size
+        return min((batch for batch in self.spec.batch_sizes if batch >= size), default=size)
 
     def warmup_as_served(self) -> None:
         """`warmup` here, then again from another thread, as a worker's micro-batcher calls it.
@@ -258,7 +288,8 @@ def load(
         spec: The registry spec.
         device: Torch device; defaults to "cuda" when available, else "cpu".
         dtype: Weight dtype; defaults to float16 on CUDA (float32 for the `onnxruntime` and
-            `tensorrt` backends, which export float32 graphs) and float32 elsewhere.
+            `tensorrt` backends, which export float32 graphs, until one falls back to eager)
+            and float32 elsewhere.
         warmup: Run one 1-step image before returning. For a compiled backend it is the first
             call, where torch.compile compiles, made here and from another thread
             (`Generator.warmup_as_served`): only with it does a backend that fails there fall
@@ -273,12 +304,13 @@ def load(
             eager, see `Generator.backend`).
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.device(device).type == "cuda"
+    # ONNX exports are float32 (ONNX Runtime's CUDA provider runs them as they are; TensorRT
+    # builds its half-precision layers from them); eager runs half on CUDA.
+    exported = spec.backend in ARTEFACT_BACKENDS
+    half_if_eager = dtype is None and cuda
     if dtype is None:
-        # ONNX exports are float32 (ONNX Runtime's CUDA provider runs them as they are; TensorRT
-        # builds its half-precision layers from them).
-        exported = spec.backend in ARTEFACT_BACKENDS
-        half = torch.device(device).type == "cuda" and not exported
-        dtype = torch.float16 if half else torch.float32
+        dtype = torch.float16 if cuda and not exported else torch.float32
 
     pipe = load_pipeline(spec, dtype)
     pipe.scheduler = build_scheduler(spec.recipe_info, pipe.scheduler.config)
@@ -290,6 +322,9 @@ def load(
     generator.backend = install_backend(
         pipe, spec, cache_dir, check=generator.warmup_as_served if warmup else None
     )
+    if generator.backend.backend == "eager" and exported and half_if_eager:
+        # fell back from a float32 export: eager on CUDA runs half, as it would have loaded
+        pipe.to(dtype=torch.float16)
     if warmup and generator.backend.backend == "eager":
         generator.warmup()
     return generator

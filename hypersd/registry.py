@@ -217,9 +217,11 @@ class ModelSpec(BaseModel):
             of dynamic shapes. `tensorrt`: one optimisation profile per batch size and size
             (each replayed as a CUDA graph) instead of one dynamic profile per size.
         precision: `tensorrt` only: the engine's layer precision ("auto" is float16).
-        batch_sizes: `tensorrt` only: the image batch sizes its profiles cover (a dynamic
-            profile covers 1 to the largest; CFG doubles the UNet's batch, which is covered).
-            Other batches run padded up to the next listed size, or in chunks of the largest.
+        batch_sizes: `tensorrt`: the image batch sizes its profiles cover (a dynamic
+            profile covers 1 to the largest; CFG doubles the UNet's batch, which is covered);
+            other batches run padded up to the next listed size, or in chunks of the largest.
+            `compile` with `static_shapes`: the batch sizes compiled (at load); other batches
+            run padded up to the next listed size.
         strict: Fail the load when the backend cannot be built or loaded, instead of falling
             back to eager with a warning.
         series: The series this model belongs to (e.g. `shapes-hyper`): the same model at

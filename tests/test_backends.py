@@ -426,6 +426,39 @@ def test_a_backend_that_fails_outside_its_loading_thread_falls_back_at_load(
         load(with_backend(spec, strict=True), device="cpu", warmup=True, cache_dir=tmp_path)
 
 
+def test_static_compiled_batches_run_padded_to_the_listed_sizes(registry: Registry) -> None:
+    from hypersd.backends import BackendResult
+
+    # The padding is the Generator's, whatever runs the modules: eager ones, labelled compile,
+    # show it without minutes of compiling.
+    eager = load(registry.get("sd15-nstep"), device="cpu", warmup=False)
+    spec = with_backend(eager.spec, "compile", static_shapes=True, batch_sizes=[1, 4])
+    padded = Generator(spec, eager.pipe, BackendResult("compile"))
+    batches: list[int] = []
+    hook = eager.pipe.unet.register_forward_hook(
+        lambda module, args, output: batches.append(args[0].shape[0])
+    )
+    try:
+        requests = [ImageRequest("a red circle", seed) for seed in (5, 6, 7)]
+        result = padded.generate(requests, steps=1)
+        assert batches == [4]  # 3 images ran as the listed 4
+        assert result.seeds == [5, 6, 7] and len(result.images) == 3
+        batches.clear()
+        padded.warmup()
+        assert batches == [1, 4]  # every listed batch compiled at load
+        batches.clear()
+        padded.generate([ImageRequest("a red circle", seed) for seed in range(5)], steps=1)
+        assert batches == [5]  # above the largest listed: as it is
+    finally:
+        hook.remove()
+    # each image as alone, up to the rounding a batch's summation order gives (as in
+    # test_pipeline.py): the padding does not change its batch mates
+    for request, image in zip(requests, result.images, strict=True):
+        alone = pixels(eager.generate([request], steps=1))[0]
+        assert np.abs(alone - np.asarray(image, dtype=np.int16)).max() <= 2
+    assert eager.padded_batch(3) == 3  # eager never pads
+
+
 def test_a_failing_first_call_puts_the_eager_modules_back(
     registry: Registry, tmp_path: Path
 ) -> None:

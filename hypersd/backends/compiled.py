@@ -10,9 +10,9 @@ Nothing goes into the artefact cache: Inductor keeps its compiled kernels in its
 cache (`TORCHINDUCTOR_CACHE_DIR`), and compiling happens lazily at the first call of each shape,
 which `Generator.warmup` makes at load. On a CPU that first call takes minutes.
 
-With `static_shapes` every other batch size and image size compiles again at its first request
-(and past torch's recompile limit, 8 by default, runs eager): it suits a worker whose batches
-have one size (`HYPERSD_MAX_BATCH_SIZE=1`, one image size), which is how latency SLAs are served.
+With `static_shapes` each shape compiles on its own, so batches run padded up to the registry's
+`batch_sizes`, each compiled by the warm-up at load (`Generator.padded_batch`); another image
+size compiles at its first request (and past torch's recompile limit, 8 by default, runs eager).
 CUDA graphs fail in a thread other than the one that first ran them in torch releases before
 pytorch/pytorch#184357; the worker runs batches on its micro-batcher thread, so the load's check
 (`Generator.warmup_as_served`) calls the model from a second thread and falls back to eager there
