@@ -277,10 +277,17 @@ def test_a_killed_builder_leaves_no_staging_folder_behind(tmp_path: Path) -> Non
         builder.send_signal(signal.SIGKILL)
         builder.wait()
     assert list(root.glob(".key.*"))  # what the killed builder left
+    # On a volume shared between hosts, another host's build may be in progress (its lock may
+    # not reach here): its folder stays unless untouched for a day.
+    building, abandoned = root / ".key.other-host.abc123", root / ".key.other-host.def456"
+    building.mkdir()
+    abandoned.mkdir()
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(abandoned, (two_days_ago, two_days_ago))
 
     folder, built = cache.get_or_build(root, "key", lambda folder: (folder / "x").write_text(""))
     assert built and (folder / "x").is_file()
-    assert sorted(path.name for path in root.iterdir()) == ["key", "key.lock"]
+    assert sorted(path.name for path in root.iterdir()) == [building.name, "key", "key.lock"]
 
 
 def test_a_backend_that_fails_falls_back_to_eager_unless_strict(

@@ -18,7 +18,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,6 +31,8 @@ DEFAULT_CACHE_DIR = Path("~/.cache/hypersd/engines")
 _CHUNK = 1 << 20
 # Written last inside a finished artefact folder, before it is renamed into place.
 KEY_FILE = "key.json"
+# Another host's staging folder untouched for this long is a build that died (`_left_behind`).
+_ABANDONED_AFTER_S = 24 * 3600
 
 
 def cache_dir(folder: str | Path | None = None) -> Path:
@@ -128,6 +132,20 @@ def artefact_key(
     return f"{spec.name}-{backend}-{hashlib.sha256(text.encode()).hexdigest()[:32]}"
 
 
+def _left_behind(staging: Path, key: str) -> bool:
+    """Whether a staging folder of `key` was left by a builder that is gone (killed by SIGKILL
+    or the OOM killer), asked while holding the key's lock.
+
+    A builder of this host would hold the lock, so this host's folders are all left behind. A
+    volume shared between hosts may not carry locks across them (some NFS setups), so another
+    host's folder may be a build in progress: it counts as left behind once untouched for a day.
+    """
+    host = staging.name.removeprefix(f".{key}.").rsplit(".", 1)[0]
+    if host == socket.gethostname():
+        return True
+    return time.time() - staging.stat().st_mtime > _ABANDONED_AFTER_S
+
+
 def get_or_build(root: Path, key: str, build: Callable[[Path], None]) -> tuple[Path, bool]:
     """The artefact folder of `key` under `root`, built by `build` if it is not there yet.
 
@@ -148,11 +166,10 @@ def get_or_build(root: Path, key: str, build: Callable[[Path], None]) -> tuple[P
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / KEY_FILE).is_file():
             return final, False
-        # Staging folders of this key left by a builder that was killed (SIGKILL, the OOM
-        # killer): no live builder owns one, since building takes the lock held here.
         for stale in root.glob(f".{key}.*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+            if _left_behind(stale, key):
+                shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.{socket.gethostname()}.", dir=root))
         try:
             build(staging)
             (staging / KEY_FILE).write_text(json.dumps({"key": key}))
