@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 python=.venv/bin/python
 version() { "$python" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 rm -rf .gpu-wheels
-grep -qx '/.gpu-wheels/' .git/info/exclude 2>/dev/null || echo /.gpu-wheels/ >> .git/info/exclude
+exclude="$(git rev-parse --git-path info/exclude)"  # .git may be a file (a worktree)
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.gpu-wheels/' "$exclude" 2>/dev/null || echo /.gpu-wheels/ >> "$exclude"
 "$python" -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
     --python-version 3.12 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .gpu-wheels \

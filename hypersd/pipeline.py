@@ -317,7 +317,9 @@ def load(
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     fuse_loras(pipe, spec.loras)
-    generator = Generator(spec, pipe)
+    # The backend asked for while its check runs (the warm-up compiles every padded batch size);
+    # what install_backend returns replaces it.
+    generator = Generator(spec, pipe, BackendResult(spec.backend))
     # A compiled backend's warm-up is its first call, which may fail (and then fall back).
     generator.backend = install_backend(
         pipe, spec, cache_dir, check=generator.warmup_as_served if warmup else None

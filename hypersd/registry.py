@@ -221,7 +221,8 @@ class ModelSpec(BaseModel):
             profile covers 1 to the largest; CFG doubles the UNet's batch, which is covered);
             other batches run padded up to the next listed size, or in chunks of the largest.
             `compile` with `static_shapes`: the batch sizes compiled (at load); other batches
-            run padded up to the next listed size.
+            run padded up to the next listed size. Keep the largest at the workers'
+            `HYPERSD_MAX_BATCH_SIZE`: a batch runs at up to the largest listed size.
         strict: Fail the load when the backend cannot be built or loaded, instead of falling
             back to eager with a warning.
         series: The series this model belongs to (e.g. `shapes-hyper`): the same model at

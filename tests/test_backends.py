@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 import torch
 
+from hypersd import pipeline
 from hypersd.backends import cache, onnxruntime_key
-from hypersd.pipeline import BatchResult, Generator, ImageRequest, load
+from hypersd.pipeline import BatchResult, Generator, ImageRequest, load, load_pipeline
 from hypersd.registry import LoraSpec, ModelSpec, Registry, load_registry
 
 if TYPE_CHECKING:
@@ -265,6 +266,29 @@ def test_an_export_that_does_not_match_eager_is_not_cached_or_served(
         load(with_backend(spec, strict=True), device="cpu", warmup=False, cache_dir=tmp_path)
 
 
+def test_eager_reference_runs_in_true_float32() -> None:
+    from hypersd.backends import onnx_export
+
+    # on CUDA, cuDNN's float32 convolutions default to TF32, whose error would fail the export
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return x
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        inputs = {"x": torch.ones(1)}
+        probe = onnx_export.Component("probe", Probe(), inputs, ("y",), {})
+        onnx_export.eager_outputs(probe, inputs)
+        assert seen == [(False, False)]
+        assert torch.backends.cudnn.allow_tf32  # as it was after the call
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def test_a_killed_builder_leaves_no_staging_folder_behind(tmp_path: Path) -> None:
     root = tmp_path / "cache"
     builder = subprocess.Popen([sys.executable, "-c", BUILDER, str(root), str(tmp_path / "log")])
@@ -464,6 +488,31 @@ def test_static_compiled_batches_run_padded_to_the_listed_sizes(registry: Regist
         alone = pixels(eager.generate([request], steps=1))[0]
         assert np.abs(alone - np.asarray(image, dtype=np.int16)).max() <= 2
     assert eager.padded_batch(3) == 3  # eager never pads
+
+
+def test_load_compiles_every_padded_batch_size(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hypersd.backends import compiled
+
+    # torch.compile left out (minutes on a CPU): load's check runs the eager modules as compiled
+    monkeypatch.setattr(compiled, "install", lambda pipe, static_shapes: None)
+    batches: list[int] = []
+    spec = with_backend(
+        registry.get("sd15-nstep"), "compile", static_shapes=True, batch_sizes=[1, 3]
+    )
+    original = load_pipeline
+
+    def recording(spec: ModelSpec, dtype: torch.dtype) -> object:
+        pipe = original(spec, dtype)
+        pipe.unet.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+        return pipe
+
+    monkeypatch.setattr(pipeline, "load_pipeline", recording)
+    generator = load(spec, device="cpu", warmup=True)
+    assert generator.backend.backend == "compile"
+    # each listed batch, from the loading thread and again from a second one
+    assert batches == [1, 3, 1, 3]
 
 
 def test_a_failing_first_call_puts_the_eager_modules_back(

@@ -477,4 +477,11 @@ def test_refits_between_an_entry_with_loras_and_one_without(
     }
     record = json.loads((refitted / "unet.plan").read_text())
     assert len(record["refitted"]) == len(maps["unet"]) > 0
+    # each initializer got the target's parameter the source export's map names for it ...
+    named = refit.refit_weights(maps["unet"], unet.module.state_dict())
+    assert record["refitted"] == {
+        name: hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+        for name, array in named.items()
+    }
+    # ... and those are values the target's own export holds (none of the source's LoRAs)
     assert set(record["refitted"].values()) <= set(target_values.values())
