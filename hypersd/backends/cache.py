@@ -13,6 +13,7 @@ build it once, and a reader sees either no folder or a complete one, never a hal
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -146,6 +147,19 @@ def _left_behind(staging: Path, key: str) -> bool:
     return time.time() - staging.stat().st_mtime > _ABANDONED_AFTER_S
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) for the block: processes that
+    write one shared thing (an artefact, a timing cache) queue here.
+
+    Args:
+        path: The lock file, beside what it guards.
+    """
+    with path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def get_or_build(root: Path, key: str, build: Callable[[Path], None]) -> tuple[Path, bool]:
     """The artefact folder of `key` under `root`, built by `build` if it is not there yet.
 
@@ -161,9 +175,8 @@ def get_or_build(root: Path, key: str, build: Callable[[Path], None]) -> tuple[P
     final = root / key
     if (final / KEY_FILE).is_file():
         return final, False
-    with (root / f"{key}.lock").open("w") as lock:
-        # Builders of one key queue here; the second finds the first one's artefact.
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # Builders of one key queue here; the second finds the first one's artefact.
+    with exclusive_lock(root / f"{key}.lock"):
         if (final / KEY_FILE).is_file():
             return final, False
         for stale in root.glob(f".{key}.*"):

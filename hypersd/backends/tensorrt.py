@@ -20,7 +20,6 @@ where either is missing, and `install_backend` then falls back to eager (or fail
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -34,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hypersd.backends import onnx_export, ort, refit
+from hypersd.backends import cache, onnx_export, ort, refit
 from hypersd.backends.onnx_export import Parity
 from hypersd.lora import SDPipeline
 from hypersd.registry import ModelSpec, format_size
@@ -208,8 +207,7 @@ def _save_timing_cache(config: Any, path: Path) -> None:
     file is written through a temporary file and a rename, so readers never see half of it.
     """
     timing_cache = config.get_timing_cache()
-    with (path.parent / f"{path.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with cache.exclusive_lock(path.parent / f"{path.name}.lock"):
         if path.is_file():
             timing_cache.combine(config.create_timing_cache(path.read_bytes()), True)
         descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -259,8 +257,8 @@ def build_engine(
         config.set_flag(flag)
     # Refittable: a LoRA change rewrites the weights instead of rebuilding (see `refit_engine`).
     config.set_flag(trt.BuilderFlag.REFIT)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    known = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(known, ignore_mismatch=False)
     for shapes in engine_profiles:
         profile = builder.create_optimization_profile()
         for name, shape_range in shapes.items():
