@@ -96,9 +96,9 @@ def test_a_tensorrt_model_falls_back_to_eager_unless_strict(
 
 def test_the_worker_counts_a_tensorrt_fallback(registry: Registry, tmp_path: Path) -> None:
     from prometheus_client import REGISTRY as METRICS
+    from serving_fixtures import one_slot_runner
 
     from jobs.memory_store import MemoryJobStore
-    from worker.runner import load_runner
 
     spec = with_fields(registry.get("sd15-nstep"), backend="tensorrt")
     labels = {"model": spec.name, "backend": "tensorrt"}
@@ -107,16 +107,7 @@ def test_the_worker_counts_a_tensorrt_fallback(registry: Registry, tmp_path: Pat
         return METRICS.get_sample_value("hypersd_worker_backend_fallbacks_total", labels) or 0.0
 
     before = fallbacks()
-    runner = load_runner(
-        spec,
-        MemoryJobStore(tmp_path / "images", ttl_s=60),
-        worker_id="w1",
-        slots=1,
-        max_batch_size=1,
-        max_wait_ms=0,
-        job_timeout_s=60,
-        torch_threads=1,
-    )
+    runner = one_slot_runner(spec, MemoryJobStore(tmp_path / "images", ttl_s=60))
     runner.close()
     assert runner.info().backend == "eager"
     assert fallbacks() == before + 1
